@@ -1,0 +1,143 @@
+"""Configuration dataclasses: validated on construction, JSON round-trip.
+
+Every field name here is also the name used by `--key value` overrides on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+FOLD_IN_VARIANTS = ("norm", "norm_linear", "none")
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("gelu", "swiglu", "relu")
+
+T = TypeVar("T", bound="JsonConfig")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+class JsonConfig:
+    """Mixin: dict/JSON round-trip for flat dataclasses, with unknown keys rejected by name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return cls(**values)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls: type[T], text_or_path: str | Path) -> T:
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class FoldedConfig(JsonConfig):
+    """Shape of a folded-context decoder (DESIGN.md §3).
+
+    A sequence is read in segments of ``segment_len`` tokens (w). Before each segment, the
+    last ``memory_len`` (m) final-layer token states of the previous fold are fed back at the
+    input of the stack ("folded" in time), so the fold sees m + w positions. ``memory_len=0``
+    gives independent segments; ``segment_len >= T`` gives a plain full-attention GPT.
+    """
+
+    vocab_size: int = 257
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int | None = None  # default 4 * d_model (8/3 * d_model rounded for swiglu)
+    segment_len: int = 8
+    memory_len: int = 8
+    fold_in: str = "norm"  # how a top-of-stack state re-enters at the bottom
+    norm: str = "rmsnorm"
+    activation: str = "gelu"
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    learned_initial_memory: bool = True  # False: the initial memory is a fixed zero block
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and value >= 1,
+                f"{name} must be a positive integer, got {value!r}",
+            )
+        _check(
+            isinstance(self.memory_len, int) and self.memory_len >= 0,
+            f"memory_len must be an integer >= 0, got {self.memory_len!r}",
+        )
+        _check(
+            self.d_model % self.n_heads == 0,
+            f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
+        )
+        _check(
+            (self.d_model // self.n_heads) % 2 == 0,
+            f"head size d_model/n_heads = {self.d_model // self.n_heads} must be even for "
+            "rotary embeddings",
+        )
+        if self.d_ff is None:
+            self.d_ff = (
+                _round_up(int(8 * self.d_model / 3), 8)
+                if self.activation == "swiglu"
+                else 4 * self.d_model
+            )
+        _check(
+            isinstance(self.d_ff, int) and self.d_ff >= 1,
+            f"d_ff must be a positive integer, got {self.d_ff!r}",
+        )
+        _check(
+            self.fold_in in FOLD_IN_VARIANTS,
+            f"fold_in={self.fold_in!r} is not one of {FOLD_IN_VARIANTS}",
+        )
+        _check(self.norm in NORMS, f"norm={self.norm!r} is not one of {NORMS}")
+        _check(
+            self.activation in ACTIVATIONS,
+            f"activation={self.activation!r} is not one of {ACTIVATIONS}",
+        )
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+        _check(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base!r}")
+        _check(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def fold_len(self) -> int:
+        """Positions one fold attends over: memory plus segment (m + w)."""
+        return self.memory_len + self.segment_len
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple

@@ -1,0 +1,508 @@
+"""The folded-context transformer (DESIGN.md §3), readable top to bottom.
+
+A decoder reads a stream in segments of w tokens. Each fold runs the L blocks once over
+m + w positions: the m final-layer states kept from the previous fold ("memory", folded
+back to the input of the stack) followed by the w new tokens, under one causal mask with
+rotary positions 0 … m+w−1. The last m final-layer states become the next memory::
+
+    M = M0
+    for each segment S_k:
+        H = blocks(concat(fold_in(M), embed(S_k)))
+        logits_k = head(norm(H[m:]))
+        M = H[-m:]
+
+A stream may stop in the middle of a segment: the state then keeps the keys/values and
+final-layer states of the partial fold, so the next call completes it and chunk boundaries
+never change the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from foldformer.config import FoldedConfig
+
+# ---------------------------------------------------------------------------------------------
+# The state carried between calls
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldState:
+    """Everything a stream needs to continue: plain tensors, indexable by batch row.
+
+    memory: (B, m, d) final-layer states that entered the current fold (before fold_in).
+    keys, values: (L, B, heads, m + p, head_dim) attention cache of the current fold, or None
+        when the stream sits exactly on a fold boundary (p = 0).
+    top: (B, m + p, d) final-layer states of the current fold so far, or None when p = 0.
+    Here p is the number of tokens of the current segment already read (same for every row).
+    """
+
+    memory: Tensor
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    top: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.memory.shape[0]
+
+    def tokens_in_fold(self) -> int:
+        """p: tokens of the current, incomplete segment already read."""
+        return 0 if self.top is None else self.top.shape[1] - self.memory.shape[1]
+
+    def _map(self, fn) -> FoldState:
+        def opt(t: Tensor | None) -> Tensor | None:
+            return None if t is None else fn(t)
+
+        return FoldState(fn(self.memory), opt(self.keys), opt(self.values), opt(self.top))
+
+    def to(self, *args, **kwargs) -> FoldState:
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def detach(self) -> FoldState:
+        return self._map(Tensor.detach)
+
+    def index(self, rows: Tensor | slice | list[int]) -> FoldState:
+        """The state of the chosen batch rows."""
+        return FoldState(
+            self.memory[rows],
+            None if self.keys is None else self.keys[:, rows],
+            None if self.values is None else self.values[:, rows],
+            None if self.top is None else self.top[rows],
+        )
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors by name, e.g. for ``safetensors.torch.save_file``."""
+        tensors = {"memory": self.memory.contiguous()}
+        for name in ("keys", "values", "top"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).contiguous()
+        return tensors
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, Tensor]) -> FoldState:
+        return cls(
+            tensors["memory"], tensors.get("keys"), tensors.get("values"), tensors.get("top")
+        )
+
+
+@dataclass
+class FoldedOutput:
+    logits: Tensor  # (B, T, V), or (B, logits_to_keep, V)
+    memory: FoldState  # pass back as `memory=` to continue the stream
+    loss: Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def make_norm(config: FoldedConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=1e-6)
+    return nn.LayerNorm(config.d_model, bias=False)
+
+
+def rotary_tables(
+    n_positions: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (n_positions, head_dim) for rotary position embeddings."""
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    )
+    angles = torch.outer(torch.arange(n_positions, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, heads, N, head_dim) by the tables of the N positions it holds."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: FoldedConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        past_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, N, d) at positions P … P+N−1, where P = length of past_kv (0 if None).
+
+        Returns the output and the keys/values of all P + N positions.
+        """
+        B, N, d = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, N, head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout = self.dropout if self.training else 0.0
+        if past_kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            # New queries sit after P cached positions: SDPA's is_causal aligns top-left for
+            # non-square masks, so the bottom-right causal mask is spelled out.
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+            P = k.shape[2] - N
+            mask = torch.ones(N, P + N, dtype=torch.bool, device=x.device).tril(diagonal=P)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.proj(y.transpose(1, 2).reshape(B, N, d)), k, v
+
+
+class MLP(nn.Module):
+    """The position-wise evolution of each token state."""
+
+    def __init__(self, config: FoldedConfig):
+        super().__init__()
+        self.swiglu = config.activation == "swiglu"
+        self.up = nn.Linear(config.d_model, config.d_ff * (2 if self.swiglu else 1), bias=False)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.act = nn.ReLU() if config.activation == "relu" else nn.GELU(approximate="tanh")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            gate, value = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * value)
+        return self.down(self.act(self.up(x)))
+
+
+class Block(nn.Module):
+    """One step of time evolution: pre-norm attention and MLP, each with a residual."""
+
+    def __init__(self, config: FoldedConfig):
+        super().__init__()
+        self.norm_attn, self.norm_mlp = make_norm(config), make_norm(config)
+        self.attn, self.mlp = Attention(config), MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, past_kv: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        attn_out, k, v = self.attn(self.norm_attn(x), cos, sin, past_kv)
+        x = x + self.drop(attn_out)
+        x = x + self.drop(self.mlp(self.norm_mlp(x)))
+        return x, k, v
+
+
+class FoldIn(nn.Module):
+    """Maps a top-of-stack state back to the input of the stack.
+
+    The residual stream grows with depth and the fold repeats without end, so re-entry is
+    normalised: the output norm is fixed by the gain (and the optional linear map) whatever
+    the input, which bounds the memory over any number of folds. "none" is raw re-entry,
+    kept for ablations only.
+    """
+
+    def __init__(self, config: FoldedConfig):
+        super().__init__()
+        self.variant = config.fold_in
+        self.norm = make_norm(config) if self.variant != "none" else nn.Identity()
+        self.linear = None
+        if self.variant == "norm_linear":
+            self.linear = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, memory: Tensor) -> Tensor:
+        x = self.norm(memory)
+        return x if self.linear is None else self.linear(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class FoldedTransformer(nn.Module):
+    """A decoder that reads unbounded streams through an (m + w)-position fold.
+
+    Call it on a (B, T) LongTensor of any length; pass the returned ``.memory`` back with the
+    next chunk to continue exactly where the stream stopped.
+    """
+
+    def __init__(self, config: FoldedConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm_out = make_norm(config)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.fold_in = FoldIn(config)
+        m0 = torch.zeros(config.memory_len, config.d_model)
+        if config.learned_initial_memory:
+            self.initial_memory = nn.Parameter(m0)
+        else:
+            self.register_buffer("initial_memory", m0)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and name != "initial_memory":
+                nn.init.normal_(p, mean=0.0, std=std)
+        # GPT-2: residual projections scaled by depth so the stream grows slowly with L.
+        for block in self.blocks:
+            for linear in (block.attn.proj, block.mlp.down):
+                nn.init.normal_(linear.weight, std=std / math.sqrt(2 * self.config.n_layers))
+        if self.fold_in.linear is not None:
+            nn.init.eye_(self.fold_in.linear.weight)
+        if self.config.learned_initial_memory:
+            nn.init.normal_(self.initial_memory, std=1.0)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def initial_state(self, batch_size: int) -> FoldState:
+        """The state of a fresh stream: memory M0 in every row, no partial fold."""
+        memory = self.initial_memory.unsqueeze(0).expand(batch_size, -1, -1)
+        return FoldState(memory=memory)
+
+    def _reset_rows(self, state: FoldState, rows: Tensor) -> FoldState:
+        if state.tokens_in_fold() != 0:
+            raise ValueError(
+                "reset_mask resets rows only on a fold boundary, but the state holds "
+                f"{state.tokens_in_fold()} of {self.config.segment_len} tokens of the current "
+                "segment"
+            )
+        fresh = self.initial_memory.unsqueeze(0).to(state.memory.dtype)
+        return FoldState(memory=torch.where(rows[:, None, None], fresh, state.memory))
+
+    # -- one fold ---------------------------------------------------------------------------
+
+    def run_blocks(
+        self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Run the stack over x (B, N, d) at fold positions P … P+N−1 (P = cached length).
+
+        Returns final-layer states (B, N, d) and the stacked keys/values (L, B, heads, P+N, hd).
+        """
+        P = 0 if cache is None else cache[0].shape[3]
+        cos, sin = rotary_tables(
+            P + x.shape[1], self.config.head_dim, self.config.rope_base, x.device, x.dtype
+        )
+        cos, sin = cos[P:], sin[P:]
+        keys, values = [], []
+        for layer, block in enumerate(self.blocks):
+            past = None if cache is None else (cache[0][layer], cache[1][layer])
+            x, k, v = block(x, cos, sin, past)
+            keys.append(k)
+            values.append(v)
+        return x, torch.stack(keys), torch.stack(values)
+
+    def complete_fold(self, memory: Tensor, segment: Tensor) -> Tensor:
+        """A whole fold in one fused causal pass: final states of the m + w positions."""
+        x = torch.cat([self.fold_in(memory).to(segment.dtype), segment], dim=1)
+        top, _, _ = self.run_blocks(x)
+        return top
+
+    def partial_fold(self, state: FoldState, segment: Tensor) -> tuple[Tensor, FoldState]:
+        """Read part of a segment with the cache of the current fold; returns the new tokens'
+        final states and the state with the cache extended."""
+        if state.top is None:  # the fold starts here: memory rows go first
+            x = torch.cat([self.fold_in(state.memory).to(segment.dtype), segment], dim=1)
+            top, keys, values = self.run_blocks(x)
+            new_top = top[:, self.config.memory_len :]
+        else:
+            new_top, keys, values = self.run_blocks(segment, (state.keys, state.values))
+            top = torch.cat([state.top, new_top], dim=1)
+        return new_top, FoldState(state.memory, keys, values, top)
+
+    # -- the recurrence ----------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        memory: FoldState | None = None,
+        labels: Tensor | None = None,
+        reset_mask: Tensor | None = None,
+        bptt: int = 0,
+        checkpoint: bool = False,
+        logits_to_keep: int = 0,
+    ) -> FoldedOutput:
+        """Read a chunk of the stream.
+
+        input_ids: (B, T) token ids, any T >= 1.
+        memory: the state returned by the previous call, or None for fresh streams.
+        labels: (B, T) targets aligned with input_ids (the token that should follow each
+            position); -100 is ignored. The returned loss is their mean cross-entropy.
+        reset_mask: (B,) bool, restart these rows from M0 before reading (document boundary);
+            or (B, T) bool, restart a row before token t. Resets must fall on fold boundaries.
+        bptt: detach the memory every `bptt` completed folds (0: backpropagate through all).
+        checkpoint: recompute each complete fold in backward; only memories are kept.
+        logits_to_keep: if > 0, compute logits for the last that many positions only.
+        """
+        self._check_inputs(input_ids, memory, labels, reset_mask)
+        B, T = input_ids.shape
+        w, m = self.config.segment_len, self.config.memory_len
+        state = memory if memory is not None else self.initial_state(B)
+        if reset_mask is not None and reset_mask.dim() == 1:
+            reset_mask = F.pad(reset_mask[:, None], (0, T - 1))
+        x = self.drop(self.embed(input_ids))
+
+        tops, t, folds_done = [], 0, 0
+        while t < T:
+            if reset_mask is not None and bool(reset_mask[:, t].any()):
+                state = self._reset_rows(state, reset_mask[:, t])
+            p = state.tokens_in_fold()
+            n = min(w - p, T - t)
+            segment = x[:, t : t + n]
+            if p == 0 and n == w:  # the common case: a whole fold in one fused pass
+                if checkpoint and torch.is_grad_enabled():
+                    top = activation_checkpoint(
+                        self.complete_fold, state.memory, segment, use_reentrant=False
+                    )
+                else:
+                    top = self.complete_fold(state.memory, segment)
+                tops.append(top[:, m:])
+                fold_top = top
+            else:
+                new_top, state = self.partial_fold(state, segment)
+                tops.append(new_top)
+                fold_top = state.top
+            t += n
+            if p + n == w:  # segment complete: condense its last m final states
+                state = FoldState(memory=fold_top[:, fold_top.shape[1] - m :])
+                folds_done += 1
+                if bptt and folds_done % bptt == 0:
+                    state = state.detach()
+
+        hidden = torch.cat(tops, dim=1)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.head(self.norm_out(hidden))
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                labels = labels[:, -logits_to_keep:]
+            loss = language_model_loss(logits, labels)
+        return FoldedOutput(logits=logits, memory=state, loss=loss)
+
+    @torch.no_grad()
+    def step(self, token_ids: Tensor, memory: FoldState | None = None) -> FoldedOutput:
+        """Read one token per row (B,) with the key/value cache of the current fold;
+        returns logits (B, V) for the next token. The path generation uses."""
+        if token_ids.dim() != 1:
+            raise ValueError(f"step takes token ids of shape (B,), got {tuple(token_ids.shape)}")
+        out = self.forward(token_ids[:, None], memory)
+        return FoldedOutput(logits=out.logits[:, -1], memory=out.memory)
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _check_inputs(
+        self,
+        input_ids: Tensor,
+        memory: FoldState | None,
+        labels: Tensor | None,
+        reset_mask: Tensor | None,
+    ) -> None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}"
+            )
+        B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"token id {bad} is out of range for vocab_size={self.config.vocab_size}"
+            )
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} does not match input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        if memory is not None:
+            expected = (B, self.config.memory_len, self.config.d_model)
+            if not isinstance(memory, FoldState):
+                raise TypeError(
+                    f"memory must be the FoldState returned by the model, got "
+                    f"{type(memory).__name__}"
+                )
+            if tuple(memory.memory.shape) != expected:
+                raise ValueError(
+                    f"memory has shape {tuple(memory.memory.shape)}, expected (batch, memory_len, "
+                    f"d_model) = {expected}"
+                )
+        if reset_mask is not None:
+            if reset_mask.dtype != torch.bool or reset_mask.shape not in ((B,), (B, T)):
+                raise ValueError(
+                    f"reset_mask must be a bool tensor of shape ({B},) or ({B}, {T}), got "
+                    f"{reset_mask.dtype} {tuple(reset_mask.shape)}"
+                )
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding drops token embeddings and an untied head."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.head.weight.numel()
+        return n
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors into directory."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(
+            json.dumps({"model_type": "folded", **self.config.to_dict()}, indent=2) + "\n"
+        )
+        save_model(self, str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu"
+    ) -> FoldedTransformer:
+        """Load a model written by save_pretrained (safetensors only, nothing unpickled)."""
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no config.json in {directory}")
+        values = json.loads(config_path.read_text())
+        model_type = values.pop("model_type", "folded")
+        if model_type != "folded":
+            raise ValueError(f"{directory} holds a {model_type!r} model, not a folded one")
+        model = cls(FoldedConfig.from_dict(values))
+        load_model(model, str(directory / "model.safetensors"), device=str(device))
+        return model.to(device)
+
+
+def language_model_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over positions whose label is not -100 (0 if there are none)."""
+    losses = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return losses / (labels != -100).sum().clamp(min=1)
