@@ -1,0 +1,62 @@
+"""Every model the project trains, by the `model_type` written in its config.json.
+
+All of them follow one protocol, so one training loop and one evaluation suite serve them::
+
+    out = model(input_ids, memory=None, labels=None, reset_mask=None,
+                bptt=0, checkpoint=False, logits_to_keep=0)
+    out.logits, out.loss, out.memory   # memory: pass back to continue the stream exactly
+    model.config.segment_len, model.config.vocab_size
+    model.save_pretrained(directory)   # config.json (with "model_type") + model.safetensors
+
+Variants register themselves here with `register`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from foldformer.config import FoldedConfig
+from foldformer.model import FoldedTransformer
+
+# model_type -> (module path, model class name, config class name)
+MODEL_TYPES: dict[str, tuple[str, str, str]] = {
+    "folded": ("foldformer.model", "FoldedTransformer", "FoldedConfig"),
+}
+
+
+def register(model_type: str, module: str, model_class: str, config_class: str) -> None:
+    MODEL_TYPES[model_type] = (module, model_class, config_class)
+
+
+def _classes(model_type: str) -> tuple[type[nn.Module], Any]:
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; known: {sorted(MODEL_TYPES)}")
+    module_name, model_name, config_name = MODEL_TYPES[model_type]
+    module = importlib.import_module(module_name)
+    return getattr(module, model_name), getattr(module, config_name)
+
+
+def build_model(model_type: str, config_values: dict[str, Any]) -> nn.Module:
+    """A freshly initialised model of the given type from a dict of config fields."""
+    model_class, config_class = _classes(model_type)
+    return model_class(config_class.from_dict(config_values))
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load any model written by `save_pretrained`, dispatching on its model_type."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a model directory: no config.json in it")
+    model_type = json.loads(config_path.read_text()).get("model_type", "folded")
+    model_class, _ = _classes(model_type)
+    return model_class.from_pretrained(directory, device=device)
+
+
+__all__ = ["FoldedConfig", "FoldedTransformer", "build_model", "load_model", "register"]
