@@ -27,6 +27,18 @@ from foldformer.model import FoldedTransformer
 # model_type -> (module path, model class name, config class name)
 MODEL_TYPES: dict[str, tuple[str, str, str]] = {
     "folded": ("foldformer.model", "FoldedTransformer", "FoldedConfig"),
+    # baselines (DESIGN.md §5) and PyPI peers: foldformer.variants
+    "sliding_window": (
+        "foldformer.variants.sliding_window",
+        "SlidingWindowTransformer",
+        "SlidingWindowConfig",
+    ),
+    "transformer_xl": (
+        "foldformer.variants.transformer_xl",
+        "TransformerXL",
+        "TransformerXLConfig",
+    ),
+    "rmt": ("foldformer.variants.rmt", "RecurrentMemoryTransformer", "RMTConfig"),
 }
 
 
