@@ -27,7 +27,7 @@ begins on a fold boundary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -46,12 +46,14 @@ class Batch:
     input_ids: Tensor  # long
     labels: Tensor  # long, already shifted, -100 ignored
     reset_mask: Tensor  # bool, restart the row's memory before this token
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the curriculum level it was made at
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(
             self.input_ids.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
             self.reset_mask.to(device, non_blocking=non_blocking),
+            dict(self.meta),
         )
 
     @property

@@ -1,0 +1,288 @@
+"""BABILong (Kuratov et al. 2024; DESIGN.md §6): bAbI facts hidden in book text.
+
+A bAbI sample's facts are placed, in order, at random sentence boundaries of a run of
+background sentences from books, until the sample has n tokens; the question comes last::
+
+    <background …> Mary moved to the bathroom. <background …> John went to the hallway.
+    <background …> Question: Where is Mary? Answer: bathroom
+
+Pieces (sentences, facts, the question) are tokenized separately, each after a space, and
+concatenated, so the length is exact: a sample never exceeds n tokens and falls short by less
+than one background sentence. n = 0 gives the facts and the question alone.
+
+The same builder serves evaluation (`foldformer eval babilong`) and training
+(`BabilongTask`, data spec ``babilong:qa1[:BABI_PATH]?books=BOOKS``, a curriculum over length).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foldformer.data.streams import IGNORE_INDEX, Batch
+from foldformer.data.synthetic import Curriculum, SyntheticTask, _answer_row, _Row
+from foldformer.data.text import DataError, iter_documents
+from foldformer.data.tokenizers import Tokenizer
+
+BABI_TASKS = ("qa1", "qa2", "qa4", "qa5")
+QUESTION_TEMPLATE = "Question: {question} Answer:"
+
+
+@dataclass(frozen=True)
+class BabiSample:
+    """One bAbI question with the story facts before it."""
+
+    facts: tuple[str, ...]
+    question: str
+    answer: str
+    supporting: tuple[int, ...]  # indices into facts
+    story: int  # story number in its file (questions of one story share facts)
+
+
+def babi_file(task: str, path: str | os.PathLike) -> Path:
+    """The training file of a task ("qa1") in a bAbI directory, or `path` itself if a file."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"bAbI path {str(path)!r} does not exist")
+    if not re.fullmatch(r"qa\d+", task):
+        raise DataError(f"bAbI task must look like 'qa1', got {task!r}")
+    matches = sorted(path.rglob(f"{task}_*_train.txt"))
+    if not matches:
+        raise FileNotFoundError(f"no {task}_*_train.txt under {str(path)!r}")
+    return matches[0]
+
+
+def load_babi(path: str | os.PathLike) -> list[BabiSample]:
+    """Parse a bAbI file: numbered lines, a story restarting at 1, question lines
+    ``N question<TAB>answer<TAB>supporting ids``."""
+    path = Path(path)
+    samples: list[BabiSample] = []
+    facts: list[str] = []
+    ids: dict[int, int] = {}  # line number -> index into facts
+    story = -1
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        number, _, rest = line.partition(" ")
+        if not number.isdigit():
+            raise DataError(f"{path}:{line_no}: expected a line number, got {line[:40]!r}")
+        if int(number) == 1:
+            facts, ids, story = [], {}, story + 1
+        if "\t" in rest:
+            parts = rest.split("\t")
+            if len(parts) < 2:
+                raise DataError(f"{path}:{line_no}: question line without an answer")
+            supporting = tuple(ids[int(i)] for i in parts[2].split()) if len(parts) > 2 else ()
+            samples.append(
+                BabiSample(tuple(facts), parts[0].strip(), parts[1].strip(), supporting, story)
+            )
+        else:
+            ids[int(number)] = len(facts)
+            facts.append(rest.strip())
+    if not samples:
+        raise DataError(f"{path} holds no bAbI questions")
+    return samples
+
+
+def split_babi(
+    samples: list[BabiSample], validation_fraction: float = 0.1
+) -> tuple[list[BabiSample], list[BabiSample]]:
+    """(train, validation): the last fraction of stories is validation, so no story's facts
+    appear on both sides. Deterministic."""
+    n_stories = samples[-1].story + 1
+    first_val = n_stories - max(1, round(n_stories * validation_fraction))
+    train = [s for s in samples if s.story < first_val]
+    validation = [s for s in samples if s.story >= first_val]
+    return train, validation
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text, whitespace normalised (a simple rule: end mark, space, capital)."""
+    text = re.sub(r"\s+", " ", text).strip()
+    return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+
+
+def load_background(
+    spec: str | os.PathLike | list, max_sentence_chars: int = 500, **document_options: Any
+) -> list[str]:
+    """Background sentences from books (any data spec); very long "sentences" (tables,
+    lists without end marks) are dropped."""
+    sentences: list[str] = []
+    for document in iter_documents(spec, **document_options):
+        sentences += [s for s in split_sentences(document.text) if len(s) <= max_sentence_chars]
+    if not sentences:
+        raise DataError(f"no background sentences in {spec}")
+    return sentences
+
+
+@dataclass
+class BabilongExample:
+    """One BABILong sample, tokenized."""
+
+    input_ids: list[int]  # the whole prompt, ending with the question and "Answer:"
+    answer: str
+    answer_ids: list[int]  # tokens of " " + answer
+    fact_positions: list[int]  # token index where each fact starts, in order
+    n_background: int  # background sentences used
+    text: str  # the prompt as text (pieces joined by spaces)
+
+
+def build_babilong_sample(
+    sample: BabiSample,
+    background_sentences: list[str],
+    n_tokens: int,
+    tokenizer: Tokenizer,
+    rng: np.random.Generator,
+    template: str = QUESTION_TEMPLATE,
+) -> BabilongExample:
+    """Hide the sample's facts, in order, at random sentence boundaries of a contiguous run of
+    background sentences (from a random start) so that the prompt has at most n_tokens tokens
+    and falls short by less than one sentence. n_tokens=0: facts and question only."""
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+
+    def enc(text: str, first: bool) -> list[int]:
+        return list(tokenizer.encode(text if first else " " + text))
+
+    # Budget every piece with its spaced encoding: the one piece that opens the prompt is
+    # encoded without the space and can only get shorter, so the total never exceeds n_tokens.
+    question = enc(template.format(question=sample.question), False)
+    facts = [enc(f, False) for f in sample.facts]
+    used = len(question) + sum(len(f) for f in facts)
+    chosen: list[list[int]] = []
+    texts: list[str] = []
+    if n_tokens > 0:
+        if not background_sentences:
+            raise ValueError("n_tokens > 0 needs background sentences")
+        i = int(rng.integers(0, len(background_sentences)))
+        while len(chosen) < len(background_sentences):
+            sentence = background_sentences[i % len(background_sentences)]
+            ids = enc(sentence, False)
+            if used + len(ids) > n_tokens:
+                break
+            chosen.append(ids)
+            texts.append(sentence)
+            used += len(ids)
+            i += 1
+    # Facts go at sorted random boundaries 0..len(chosen), keeping their order.
+    slots = np.sort(rng.integers(0, len(chosen) + 1, size=len(facts))) if facts else []
+    pieces: list[tuple[str, str]] = []  # (kind, text)
+    fact_index = 0
+    for boundary in range(len(chosen) + 1):
+        while fact_index < len(facts) and slots[fact_index] == boundary:
+            pieces.append(("fact", sample.facts[fact_index]))
+            fact_index += 1
+        if boundary < len(chosen):
+            pieces.append(("background", texts[boundary]))
+    pieces.append(("question", template.format(question=sample.question)))
+
+    input_ids: list[int] = []
+    fact_positions = []
+    for k, (kind, text) in enumerate(pieces):
+        if kind == "fact":
+            fact_positions.append(len(input_ids))
+        input_ids += enc(text, k == 0)
+    return BabilongExample(
+        input_ids=input_ids,
+        answer=sample.answer,
+        answer_ids=enc(sample.answer, False),
+        fact_positions=fact_positions,
+        n_background=len(chosen),
+        text=" ".join(t for _, t in pieces),
+    )
+
+
+class BabilongTask(SyntheticTask):
+    """BABILong samples as a training batch source, with a curriculum over length.
+
+    Levels are prompt lengths in tokens (`lengths`, default 0, 256, 512, … up to max_tokens);
+    the model is trained to produce the answer after "Answer:" (labels on the answer only).
+    Samples come from the training split of the bAbI file (see `split_babi`).
+    """
+
+    name = "babilong"
+
+    def __init__(
+        self,
+        batch_size: int,
+        segment_len: int,
+        babi: str | os.PathLike | list[BabiSample],
+        background: str | os.PathLike | list[str] | None = None,
+        task: str = "qa1",
+        lengths: list[int] | None = None,
+        max_tokens: int = 4096,
+        threshold: float = 0.9,
+        window: int = 256,
+        mix: float = 0.0,
+        validation_fraction: float = 0.1,
+        **kwargs: Any,
+    ):
+        samples = babi if isinstance(babi, list) else load_babi(babi_file(task, babi))
+        self.train_samples, self.validation_samples = split_babi(samples, validation_fraction)
+        if background is None:
+            self.background: list[str] = []
+        elif isinstance(background, list):
+            self.background = background
+        else:
+            self.background = load_background(background)
+        if lengths is None:
+            lengths = [0]
+            while lengths[-1] < max_tokens:
+                lengths.append(min(max(256, 2 * lengths[-1]), max_tokens))
+        if any(n > 0 for n in lengths) and not self.background:
+            raise DataError(
+                f"BABILong lengths {lengths} need background books: give background=BOOKS "
+                "(data spec option ?books=PATH); only length 0 works without them"
+            )
+        self.task = task
+        super().__init__(
+            batch_size, segment_len, threshold=threshold, window=window, mix=mix, **kwargs
+        )
+        self.curriculum = Curriculum(lengths, threshold=threshold, window=window, mix=mix)
+
+    def _check_level(self, level: int) -> None:
+        if level < 0:
+            raise ValueError(f"BABILong length must be >= 0, got {level}")
+
+    def make_row(self, rng: np.random.Generator, level: int, validation: bool = False) -> _Row:
+        pool = self.validation_samples if validation else self.train_samples
+        sample = pool[int(rng.integers(0, len(pool)))]
+        example = build_babilong_sample(sample, self.background, level, self.tokenizer, rng)
+        return _answer_row(example.input_ids, example.answer_ids)
+
+    def eval_batch(self, level: int, n_rows: int, index: int = 0) -> Batch:
+        """Samples from the validation stories at a length."""
+        make_row = self.make_row
+        self.make_row = lambda rng, lvl: make_row(rng, lvl, validation=True)  # type: ignore[method-assign]
+        try:
+            return super().eval_batch(level, n_rows, index)
+        finally:
+            del self.make_row
+
+    def distance_tokens(self, level: int) -> int:
+        return level
+
+
+__all__ = [
+    "BABI_TASKS",
+    "BabiSample",
+    "BabilongExample",
+    "BabilongTask",
+    "IGNORE_INDEX",
+    "babi_file",
+    "build_babilong_sample",
+    "load_babi",
+    "load_background",
+    "split_babi",
+    "split_sentences",
+]

@@ -1,0 +1,213 @@
+"""Synthetic tasks, BABILong and --data specs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from foldformer import FoldedConfig, FoldedTransformer
+from foldformer.data.babilong import (
+    BabilongTask,
+    build_babilong_sample,
+    load_babi,
+    split_babi,
+    split_sentences,
+)
+from foldformer.data.sources import build_batch_source, parse_data_spec
+from foldformer.data.streams import IGNORE_INDEX
+from foldformer.data.synthetic import (
+    CopyTask,
+    Curriculum,
+    PasskeyTask,
+    RecallTask,
+    answer_accuracy,
+    evaluate_accuracy,
+)
+from foldformer.data.text import DataError
+from foldformer.data.tokenizers import ByteTokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BABI = DATA / "babi" / "en-10k"
+tok = ByteTokenizer()
+
+
+def _equal(a, b) -> bool:
+    return all(
+        torch.equal(getattr(a, f), getattr(b, f)) for f in ("input_ids", "labels", "reset_mask")
+    )
+
+
+@pytest.mark.parametrize("cls", [RecallTask, CopyTask, PasskeyTask])
+def test_tasks_are_seeded_resumable_and_split_by_rank(cls):
+    kwargs = dict(segment_len=8, n_folds=16, seed=5)
+    a, b = cls(4, **kwargs), cls(4, **kwargs)
+    assert all(_equal(a.next_batch(), b.next_batch()) for _ in range(3))
+    assert not _equal(a.next_batch(), cls(4, segment_len=8, n_folds=16, seed=6).next_batch())
+    state = json.loads(json.dumps(a.state_dict()))
+    want = [a.next_batch() for _ in range(2)]
+    c = cls(4, **kwargs)
+    c.load_state_dict(state)
+    assert all(_equal(c.next_batch(), w) for w in want)
+    ranks = [cls(2, rank=r, world_size=2, **kwargs) for r in range(2)]
+    whole = cls(4, **kwargs).next_batch()
+    parts = [r.next_batch() for r in ranks]
+    assert torch.equal(torch.cat([p.input_ids for p in parts]), whole.input_ids)
+    # Independent samples: reset at t=0 only, whole folds, labels only on the answer.
+    assert whole.reset_mask[:, 0].all() and whole.reset_mask[:, 1:].sum() == 0
+    assert whole.input_ids.shape[1] % 8 == 0
+    assert ((whole.labels != IGNORE_INDEX).sum(1) > 0).all()
+
+
+def test_recall_answer_is_the_key_at_the_requested_distance():
+    task = RecallTask(3, segment_len=8, key_len=3, n_folds=4, seed=0)
+    for n_folds in (4, 32):
+        task.set_folds(n_folds)
+        batch = task.next_batch()
+        assert batch.input_ids.shape == (3, n_folds * 8)
+        for ids, labels in zip(batch.input_ids.tolist(), batch.labels.tolist(), strict=True):
+            text = tok.decode(ids)
+            assert text[0] == "#" and text[-5] == "?" and text[1] == text[-4]  # the name asked
+            key = text[2:5]
+            assert key.isdigit() and text[-3:] == key
+            answer = [t for t in labels if t != IGNORE_INDEX]
+            assert tok.decode(answer) == key and labels[-4:-1] == answer  # shifted targets
+            assert not any(c.isdigit() for c in text[5:-3])  # the key appears nowhere else
+            assert text.index(key, 5) - 2 == task.distance_tokens(n_folds)
+    pairs = RecallTask(2, segment_len=8, key_len=2, n_pairs=3, n_folds=8).next_batch()
+    text = tok.decode(pairs.input_ids[0])
+    assert (
+        text.count("#") == 3
+        and text[text.index(text[-3]) + 1 : text.index(text[-3]) + 3] == text[-2:]
+    )
+    with pytest.raises(ValueError, match="raise n_folds"):
+        RecallTask(2, segment_len=2, key_len=3, n_folds=1)
+
+
+def test_copy_and_passkey_layout():
+    batch = CopyTask(2, segment_len=8, n_folds=4).next_batch()
+    text = tok.decode(batch.input_ids[0])
+    payload, copy = text[1:].split("=")
+    assert payload == copy and len(payload) == 15
+    passkey = PasskeyTask(2, segment_len=16, n_folds=64, seed=1).next_batch()
+    text = tok.decode(passkey.input_ids[0]).rstrip("\x00")
+    key = text[-5:]
+    assert key.isdigit() and f"The pass key is {key}. Remember it." in text
+    assert text[:-6].endswith("What is the pass key? The pass key is")
+    assert tok.decode([t for t in passkey.labels[0].tolist() if t != IGNORE_INDEX]) == " " + key
+    assert passkey.input_ids.shape[1] <= 64 * 16 + 16
+
+
+def test_curriculum_climbs_on_accuracy_and_update_counts_rows():
+    c = Curriculum.geometric(1, 10, threshold=0.9, window=10)
+    assert c.levels == [1, 2, 4, 8, 10]
+    assert not c.update(8, 10) and c.level == 1  # 80 % < 90 %: a fresh window, same level
+    assert c.update(10, 10) and c.level == 2
+    task = RecallTask(4, segment_len=8, n_folds=2, max_folds=8, threshold=0.75, window=4)
+    batch = task.next_batch()
+    logits = torch.full((*batch.labels.shape, 257), -10.0)
+    targets = batch.labels.clamp(min=0)
+    logits.scatter_(2, targets[..., None], 10.0)  # a perfect model...
+    logits[0, -2, :] = 0.0  # ...except one answer token in row 0
+    assert answer_accuracy(logits, batch.labels) == (3, 4)
+    metrics = task.update(logits, batch)
+    assert metrics["answer_accuracy"] == 0.75 and task.level == 4
+    task.set_max_folds(4)
+    assert task.curriculum.levels[-1] == 4
+
+
+def test_recall_with_a_folded_model_and_evaluate_accuracy():
+    model = FoldedTransformer(FoldedConfig(d_model=16, n_heads=2, n_layers=1, segment_len=8))
+    task = RecallTask(4, segment_len=8, n_folds=4)
+    batch = task.next_batch()
+    out = model(batch.input_ids, labels=batch.labels, reset_mask=batch.reset_mask)
+    assert torch.isfinite(out.loss)
+    assert 0.0 <= evaluate_accuracy(model, task, level=4, n_samples=6, batch_size=4) <= 1.0
+
+
+needs_babi = pytest.mark.skipif(not BABI.is_dir(), reason="shared/data/babi absent")
+
+
+@needs_babi
+def test_babi_parsing_and_split():
+    samples = load_babi(BABI / "qa2_two-supporting-facts_train.txt")
+    first = samples[0]
+    assert first.facts[0] == "Mary moved to the bathroom." and len(first.facts) == 6
+    assert (first.question, first.answer, first.supporting) == (
+        "Where is the football?",
+        "garden",
+        (2, 5),
+    )
+    train, validation = split_babi(samples)
+    assert len(train) + len(validation) == len(samples) == 10000
+    assert {s.story for s in train}.isdisjoint({s.story for s in validation})
+    assert split_babi(samples) == (train, validation)
+
+
+BACKGROUND = split_sentences(
+    " ".join(
+        f"Sentence number {i} talks about {'a long winding road ' * (i % 4)}the weather."
+        for i in range(300)
+    )
+)
+
+
+@needs_babi
+@pytest.mark.parametrize("n_tokens", [0, 200, 2000])
+def test_babilong_keeps_facts_in_order_and_reaches_the_length(n_tokens):
+    samples = load_babi(BABI / "qa1_single-supporting-fact_train.txt")
+    longest = max(len(tok.encode(" " + s)) for s in BACKGROUND)
+    for seed in range(5):
+        sample = samples[seed * 7]
+        ex = build_babilong_sample(sample, BACKGROUND, n_tokens, tok, np.random.default_rng(seed))
+        text = tok.decode(ex.input_ids)
+        assert text == ex.text and text.endswith(f"Question: {sample.question} Answer:")
+        # Every fact sits where the builder says, in the story's order.
+        assert len(ex.fact_positions) == len(sample.facts)
+        assert ex.fact_positions == sorted(ex.fact_positions)
+        for position, fact in zip(ex.fact_positions, sample.facts, strict=True):
+            assert tok.decode(ex.input_ids[position:]).lstrip().startswith(fact)
+        bare = build_babilong_sample(sample, BACKGROUND, 0, tok, np.random.default_rng(seed))
+        if len(bare.input_ids) > n_tokens:  # the facts alone are longer: no background
+            assert ex.n_background == 0 and ex.input_ids == bare.input_ids
+        else:
+            assert n_tokens - longest < len(ex.input_ids) <= n_tokens
+        assert ex.answer == sample.answer and tok.decode(ex.answer_ids) == " " + sample.answer
+
+
+@needs_babi
+def test_babilong_task_and_data_specs(tmp_path):
+    (tmp_path / "book.txt").write_text(" ".join(BACKGROUND))
+    spec = f"babilong:qa1:{BABI}?books={tmp_path / 'book.txt'}&lengths=0,512&window=8"
+    parsed = parse_data_spec(spec)
+    assert parsed.kind == "babilong" and parsed.options["lengths"] == [0, 512]
+    source = build_batch_source(spec, tok, batch_size=2, seq_len=64, segment_len=16, seed=1)
+    assert isinstance(source, BabilongTask) and source.level == 0
+    batch = source.next_batch()
+    assert batch.input_ids.shape[1] % 16 == 0 and batch.reset_mask[:, 0].all()
+    answer = tok.decode([t for t in batch.labels[0].tolist() if t != IGNORE_INDEX])
+    assert answer.strip() in {"bathroom", "bedroom", "garden", "hallway", "kitchen", "office"}
+    source.set_folds(512)
+    assert batch.input_ids.shape[1] < source.next_batch().input_ids.shape[1] <= 512 + 16
+    assert source.eval_batch(512, 3).input_ids.shape[0] == 3
+    with pytest.raises(DataError, match="need background books"):
+        BabilongTask(2, 16, BABI, lengths=[0, 256])
+
+
+def test_data_spec_errors(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="unknown option 'colour'.*key_len"):
+        parse_data_spec("synthetic:recall?colour=red")
+    with pytest.raises(DataError, match="unknown synthetic task 'sort'"):
+        parse_data_spec("synthetic:sort")
+    monkeypatch.delenv("FOLDFORMER_BABI", raising=False)
+    with pytest.raises(DataError, match="names no bAbI files"):
+        parse_data_spec("babilong:qa1")
+    (tmp_path / "a.txt").write_text("some text")
+    assert parse_data_spec(str(tmp_path / "a.txt")).kind == "text"
+    with pytest.raises(DataError, match="cannot be combined"):
+        build_batch_source([str(tmp_path), "synthetic:copy"], tok, 2, 16, 8)
+    source = build_batch_source("synthetic:recall?key_len=2&n_folds=2&max_folds=8", tok, 2, 16, 8)
+    assert isinstance(source, RecallTask) and source.curriculum.levels == [2, 4, 8]
