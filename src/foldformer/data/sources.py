@@ -190,3 +190,7 @@ def build_batch_source(
         )
     spec = tasks[0] if tasks else DataSpec("text", paths=[p for d in parsed for p in d.paths])
     return spec.build(tokenizer, batch_size, seq_len, segment_len, **kwargs)
+
+
+# The name the trainer imports.
+make_batch_source = build_batch_source
