@@ -167,7 +167,7 @@ class SyntheticTask:
         batch_size: int,
         segment_len: int,
         tokenizer: Tokenizer | None = None,
-        n_folds: int = 1,
+        n_folds: int | None = None,
         max_folds: int | None = None,
         factor: int = 2,
         threshold: float = 0.95,
@@ -186,6 +186,10 @@ class SyntheticTask:
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.rows = list(range(rank * batch_size, (rank + 1) * batch_size))
+        if n_folds is None:  # the shortest sample that fits
+            n_folds = 1
+            while not self._fits(n_folds):
+                n_folds += 1
         self.curriculum = Curriculum.geometric(
             n_folds, max_folds, factor, threshold=threshold, window=window, mix=mix
         )
@@ -200,6 +204,15 @@ class SyntheticTask:
     def _check_level(self, level: int) -> None:
         """Raise a clear error if a sample at this level cannot be built."""
         self.make_row(np.random.default_rng(0), level)
+
+    def _fits(self, level: int) -> bool:
+        if level > 10**6:
+            raise ValueError(f"no sample of {self.name} fits in up to {10**6} folds")
+        try:
+            self._check_level(level)
+        except ValueError:
+            return False
+        return True
 
     # -- public -----------------------------------------------------------------------------
 
@@ -383,26 +396,11 @@ class PasskeyTask(SyntheticTask):
 
     name = "passkey"
 
-    def __init__(
-        self, batch_size: int, segment_len: int, n_folds: int | None = None, **kwargs: Any
-    ):
+    def __init__(self, batch_size: int, segment_len: int, **kwargs: Any):
         from foldformer.data.passkey import build_passkey_prompt
 
         self._build = build_passkey_prompt
-        tokenizer = kwargs.get("tokenizer") or ByteTokenizer()
-        kwargs["tokenizer"] = tokenizer
-        if n_folds is None:  # the shortest prompt that fits the key sentence and the question
-            n_folds = 1
-            while not self._fits(tokenizer, n_folds * segment_len):
-                n_folds += 1
-        super().__init__(batch_size, segment_len, n_folds=n_folds, **kwargs)
-
-    def _fits(self, tokenizer: Tokenizer, n_tokens: int) -> bool:
-        try:
-            self._build(tokenizer, n_tokens, 0.5, key="12345")
-        except ValueError:
-            return False
-        return True
+        super().__init__(batch_size, segment_len, **kwargs)
 
     def make_row(self, rng: np.random.Generator, level: int) -> _Row:
         key = str(int(rng.integers(10_000, 100_000)))
