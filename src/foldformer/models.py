@@ -39,6 +39,14 @@ MODEL_TYPES: dict[str, tuple[str, str, str]] = {
         "TransformerXLConfig",
     ),
     "rmt": ("foldformer.variants.rmt", "RecurrentMemoryTransformer", "RMTConfig"),
+    "peer_rmt": ("foldformer.variants.peers", "PeerRMT", "PeerRMTConfig"),
+    "peer_infini": ("foldformer.variants.peers", "PeerInfini", "PeerInfiniConfig"),
+    "peer_xl": ("foldformer.variants.peers", "PeerXL", "PeerXLConfig"),
+    "peer_block_recurrent": (
+        "foldformer.variants.peers",
+        "PeerBlockRecurrent",
+        "PeerBlockRecurrentConfig",
+    ),
 }
 
 

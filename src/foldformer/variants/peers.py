@@ -1,0 +1,570 @@
+"""Adapters that put published PyPI implementations behind the project protocol.
+
+Each adapter wraps the peer's own module (nothing re-implemented) and feeds it the stream
+segment by segment (``segment_len`` tokens, the peer's training length), carrying the peer's
+recurrent state between segments and between calls. Install them with
+``pip install 'foldformer[peers]'``.
+
+| model_type             | package                                | state carried between segments          |
+| ---------------------- | -------------------------------------- | --------------------------------------- |
+| `peer_rmt`             | recurrent-memory-transformer-pytorch   | memory tokens (+ XL memories, detached) |
+| `peer_infini`          | infini-transformer-pytorch             | compressive memory per layer and head    |
+| `peer_xl`              | x-transformers (`max_mem_len`)         | per-layer XL memories, detached          |
+| `peer_block_recurrent` | block-recurrent-transformer-pytorch    | state vectors + XL memories, detached    |
+
+A stream that stops mid-segment keeps the tokens of the partial segment; the next call runs the
+peer again over the whole partial segment with the same state (a recomputation, so chunking does
+not change the logits, at the cost of re-reading up to w − 1 tokens) and the state advances only
+when a segment completes. Where a peer differs from the project protocol is said in
+docs/baselines.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from foldformer.config import ConfigError, FoldedConfig, JsonConfig
+from foldformer.model import FoldedOutput, language_model_loss
+from foldformer.variants.base import (
+    check_token_inputs,
+    expand_reset_mask,
+    from_pretrained,
+    save_pretrained,
+)
+
+
+class PeerUnavailableError(ImportError):
+    """A peer's PyPI package is not installed; the message says how to install it."""
+
+
+def require_peer(module: str, package: str, model_type: str):
+    """Import a peer's module or explain how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise PeerUnavailableError(
+            f"model_type {model_type!r} wraps the PyPI package {package!r}, which is not "
+            f"installed ({error}). Install the peers with: pip install 'foldformer[peers]' "
+            f"(or only this one: pip install {package})"
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and state
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PeerConfig(JsonConfig):
+    """The shape fields every adapter shares, named as in FoldedConfig.
+
+    d_ff sets the peer's ``ff_mult = d_ff / d_model``; the peer decides its own inner width
+    from it (GEGLU peers use 2/3 of it), so parameter matching adjusts d_ff, not a formula.
+    memory_len is the peer's memory size where it has one (see each adapter).
+    """
+
+    vocab_size: int = 257
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int | None = None  # default 4 * d_model
+    segment_len: int = 8
+    memory_len: int = 8
+    dropout: float = 0.0
+
+    # memory_len bounds per adapter: (minimum, maximum or None, why)
+    MEMORY_LEN_RANGE: ClassVar[tuple[int, int | None, str]] = (0, None, "")
+
+    def __post_init__(self) -> None:
+        shared = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "segment_len")
+        core = FoldedConfig(
+            **{name: getattr(self, name) for name in shared},
+            memory_len=self.memory_len,
+            dropout=self.dropout,
+        )
+        self.d_ff = core.d_ff
+        low, high, why = self.MEMORY_LEN_RANGE
+        if self.memory_len < low or (high is not None and self.memory_len > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(
+                f"{type(self).__name__}: memory_len must be {bound} ({why}), got {self.memory_len}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_mult(self) -> float:
+        return self.d_ff / self.d_model
+
+
+@dataclass
+class PeerState:
+    """tensors: the peer's recurrent state, flattened to named tensors with the batch first
+    (empty for a fresh stream). pending: (B, p) tokens of the current, incomplete segment."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    pending: Tensor | None = None
+
+    def _map(self, fn) -> PeerState:
+        pending = None if self.pending is None else fn(self.pending)
+        return PeerState({k: fn(v) for k, v in self.tensors.items()}, pending)
+
+    @property
+    def batch_size(self) -> int | None:
+        for t in [*self.tensors.values(), self.pending]:
+            if t is not None:
+                return t.shape[0]
+        return None  # a fresh state fits any batch
+
+    def tokens_in_segment(self) -> int:
+        return 0 if self.pending is None else self.pending.shape[1]
+
+    def to(self, *args, **kwargs) -> PeerState:
+        tensors = {k: v.to(*args, **kwargs) for k, v in self.tensors.items()}
+        return PeerState(tensors, self.pending)
+
+    def detach(self) -> PeerState:
+        return self._map(Tensor.detach)
+
+    def index(self, rows: Tensor | slice | list[int]) -> PeerState:
+        return self._map(lambda t: t[rows])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = {f"state.{k}": v.contiguous() for k, v in self.tensors.items()}
+        if self.pending is not None:
+            out["pending"] = self.pending.contiguous()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, Tensor]) -> PeerState:
+        state = {k[len("state.") :]: v for k, v in tensors.items() if k.startswith("state.")}
+        return cls(state, tensors.get("pending"))
+
+
+def _stacked(prefix: str, tensors: list[Tensor], batch_dim: int) -> dict[str, Tensor]:
+    return {f"{prefix}{i}": t.movedim(batch_dim, 0) for i, t in enumerate(tensors)}
+
+
+def _unstacked(prefix: str, tensors: dict[str, Tensor], batch_dim: int) -> list[Tensor]:
+    n = sum(1 for k in tensors if k.startswith(prefix) and k[len(prefix) :].isdigit())
+    return [tensors[f"{prefix}{i}"].movedim(0, batch_dim) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter: segment loop, state, loss, save/load
+# ---------------------------------------------------------------------------------------------
+
+
+class PeerModel(nn.Module):
+    """Base adapter. Subclasses build ``self.net`` and implement `run_segment`."""
+
+    model_type: ClassVar[str] = ""
+    config_class: ClassVar[type[PeerConfig]] = PeerConfig
+    package: ClassVar[str] = ""
+    carries_gradient: ClassVar[bool] = False  # does the state keep a graph across segments
+
+    def __init__(self, config: PeerConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.config_class.__name__}, got "
+                f"{type(config).__name__}"
+            )
+        self.config = config
+
+    # -- to implement ------------------------------------------------------------------------
+
+    def run_segment(
+        self, tokens: Tensor, state: dict[str, Tensor], complete: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits (B, n, V) for tokens (B, n <= w), the first n tokens of a segment, read
+        with `state` ({} for a fresh stream); and, if `complete`, the state after it."""
+        raise NotImplementedError
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """Token/position embeddings and output projection (left out of non-embedding counts)."""
+        raise NotImplementedError
+
+    # -- the protocol --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        memory: PeerState | None = None,
+        labels: Tensor | None = None,
+        reset_mask: Tensor | None = None,
+        bptt: int = 0,
+        checkpoint: bool = False,
+        logits_to_keep: int = 0,
+    ) -> FoldedOutput:
+        """Read a chunk of the stream (same arguments as FoldedTransformer.forward).
+
+        bptt detaches the state every `bptt` segments where the peer keeps a graph across
+        segments (peer_rmt's memory tokens, peer_infini's memory); the other peers detach
+        their state themselves. checkpoint recomputes each complete segment in backward.
+        A reset of every row starts fresh streams; a reset of some rows zeroes their state,
+        which is the peer's fresh state only where the peer starts from zeros (docs).
+        """
+        check_token_inputs(input_ids, labels, reset_mask, self.config.vocab_size)
+        B, T = input_ids.shape
+        if memory is not None:
+            if not isinstance(memory, PeerState):
+                raise TypeError(
+                    f"memory must be the PeerState returned by the model, got "
+                    f"{type(memory).__name__}"
+                )
+            if memory.batch_size not in (None, B):
+                raise ValueError(
+                    f"memory holds {memory.batch_size} rows but input_ids has batch size {B}"
+                )
+        w = self.config.segment_len
+        state = memory if memory is not None else PeerState()
+        resets = expand_reset_mask(reset_mask, T)
+
+        logits, t, done = [], 0, 0
+        while t < T:
+            p = state.tokens_in_segment()
+            if resets is not None and bool(resets[:, t].any()):
+                state = self._reset_rows(state, resets[:, t], w)
+            n = min(w - p, T - t)
+            tokens = input_ids[:, t : t + n]
+            if p:
+                tokens = torch.cat([state.pending, tokens], dim=1)
+            complete = p + n == w
+            if complete and checkpoint and torch.is_grad_enabled():
+                out, new = activation_checkpoint(
+                    self.run_segment, tokens, state.tensors, True, use_reentrant=False
+                )
+            else:
+                out, new = self.run_segment(tokens, state.tensors, complete)
+            logits.append(out[:, p:])
+            t += n
+            if complete:
+                state = PeerState(new)
+                done += 1
+                if bptt and done % bptt == 0:
+                    state = state.detach()
+            else:
+                state = PeerState(state.tensors, tokens)
+
+        logits = torch.cat(logits, dim=1)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+            labels = None if labels is None else labels[:, -logits_to_keep:]
+        loss = None if labels is None else language_model_loss(logits, labels)
+        return FoldedOutput(logits=logits, memory=state, loss=loss)
+
+    def _reset_rows(self, state: PeerState, rows: Tensor, w: int) -> PeerState:
+        if state.tokens_in_segment():
+            raise ValueError(
+                "reset_mask resets rows only on a segment boundary, but the state holds "
+                f"{state.tokens_in_segment()} of {w} tokens of the current segment"
+            )
+        if bool(rows.all()) or not state.tensors:
+            return PeerState()
+        keep = ~rows
+        return PeerState(
+            {
+                k: v * keep.view(-1, *[1] * (v.dim() - 1)).to(v.dtype)
+                for k, v in state.tensors.items()
+            }
+        )
+
+    @torch.no_grad()
+    def step(self, token_ids: Tensor, memory: PeerState | None = None) -> FoldedOutput:
+        """Read one token per row (B,); returns logits (B, V) for the next token."""
+        if token_ids.dim() != 1:
+            raise ValueError(f"step takes token ids of shape (B,), got {tuple(token_ids.shape)}")
+        out = self.forward(token_ids[:, None], memory)
+        return FoldedOutput(logits=out.logits[:, -1], memory=out.memory)
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding drops embeddings and the output projection."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in self.embedding_parameters())
+        return n
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json (with model_type) and model.safetensors into directory."""
+        save_pretrained(self, self.model_type, self.config, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
+        """Load a model written by save_pretrained (safetensors only, nothing unpickled)."""
+        return from_pretrained(cls, cls.model_type, cls.config_class, directory, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# recurrent-memory-transformer-pytorch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PeerRMTConfig(PeerConfig):
+    """memory_len: memory tokens (>= 1). use_xl_memories: the package's default, which adds
+    XL memories of the previous segment to every layer."""
+
+    memory_len: int = 8
+    use_xl_memories: bool = True
+
+    MEMORY_LEN_RANGE: ClassVar[tuple[int, int | None, str]] = (1, None, "RMT needs memory tokens")
+
+
+class PeerRMT(PeerModel):
+    """lucidrains' RecurrentMemoryTransformer, one segment per call of the module."""
+
+    model_type: ClassVar[str] = "peer_rmt"
+    config_class: ClassVar[type[PeerConfig]] = PeerRMTConfig
+    package: ClassVar[str] = "recurrent-memory-transformer-pytorch"
+    carries_gradient: ClassVar[bool] = True
+
+    def __init__(self, config: PeerRMTConfig):
+        super().__init__(config)
+        lib = require_peer("recurrent_memory_transformer_pytorch", self.package, self.model_type)
+        self.net = lib.RecurrentMemoryTransformer(
+            config.d_model,
+            num_tokens=config.vocab_size,
+            depth=config.n_layers,
+            num_memory_tokens=config.memory_len,
+            seq_len=config.segment_len,
+            dim_head=config.head_dim,
+            heads=config.n_heads,
+            ff_mult=config.ff_mult,
+            attn_dropout=config.dropout,
+            ff_dropout=config.dropout,
+            use_xl_memories=config.use_xl_memories,
+        )
+
+    def run_segment(self, tokens, state, complete):
+        memories = state.get("memory")
+        xl = _unstacked("xl", state, batch_dim=1) or None
+        logits, memories, xl = self.net(tokens, memories, xl_memories=xl)
+        if not complete:
+            return logits, {}
+        new = {"memory": memories}
+        if xl:
+            new.update(_stacked("xl", xl, batch_dim=1))  # (2, B, heads, n, hd) per layer
+        return logits, new
+
+    def embedding_parameters(self):
+        params = [self.net.token_emb.weight, *self.net.to_logits.parameters()]
+        if self.net.pos_emb is not None:
+            params.append(self.net.pos_emb.weight)
+        return params
+
+
+# ---------------------------------------------------------------------------------------------
+# infini-transformer-pytorch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PeerInfiniConfig(PeerConfig):
+    """memory_len must be 0: Infini-attention's memory is a head_dim × head_dim matrix (and a
+    normaliser) per head and layer, whatever the length. use_mem_delta_rule: the paper's delta
+    update (off by default in the package)."""
+
+    memory_len: int = 0
+    use_mem_delta_rule: bool = False
+
+    MEMORY_LEN_RANGE: ClassVar[tuple[int, int | None, str]] = (
+        0,
+        0,
+        "the compressive memory has a fixed size set by head_dim",
+    )
+
+
+class PeerInfini(PeerModel):
+    """lucidrains' InfiniTransformer: local causal attention within a segment plus linear
+    attention to a compressive memory of all earlier segments."""
+
+    model_type: ClassVar[str] = "peer_infini"
+    config_class: ClassVar[type[PeerConfig]] = PeerInfiniConfig
+    package: ClassVar[str] = "infini-transformer-pytorch"
+    carries_gradient: ClassVar[bool] = True
+
+    def __init__(self, config: PeerInfiniConfig):
+        super().__init__(config)
+        lib = require_peer("infini_transformer_pytorch", self.package, self.model_type)
+        self.net = lib.InfiniTransformer(
+            num_tokens=config.vocab_size,
+            dim=config.d_model,
+            depth=config.n_layers,
+            dim_head=config.head_dim,
+            heads=config.n_heads,
+            attn_dropout=config.dropout,
+            ff_mult=config.ff_mult,
+            ff_dropout=config.dropout,
+            use_mem_delta_rule=config.use_mem_delta_rule,
+        )
+        self._memories = lib.infini_transformer.Memories
+
+    def run_segment(self, tokens, state, complete):
+        kv, norms = _unstacked("kv", state, 0), _unstacked("norm", state, 0)
+        past = [self._memories(a, b) for a, b in zip(kv, norms, strict=True)] or None
+        out = self.net(tokens, past_memories=past, return_new_memories=complete)
+        if not complete:
+            return out.logits, {}
+        new = _stacked("kv", [m.kv_mem for m in out.past_memories], 0)
+        new.update(_stacked("norm", [m.k_norm for m in out.past_memories], 0))
+        return out.logits, new
+
+    def embedding_parameters(self):
+        return [self.net.token_emb.weight, *self.net.to_logits.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------
+# x-transformers, Transformer-XL recurrence
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PeerXLConfig(PeerConfig):
+    """memory_len: the XL memory (``max_mem_len``) per layer, >= 1. Positions are rotary."""
+
+    memory_len: int = 8
+
+    MEMORY_LEN_RANGE: ClassVar[tuple[int, int | None, str]] = (1, None, "XL needs memories")
+
+
+class PeerXL(PeerModel):
+    """x-transformers' TransformerWrapper with ``max_mem_len``: XL recurrence, memories
+    detached by the package."""
+
+    model_type: ClassVar[str] = "peer_xl"
+    config_class: ClassVar[type[PeerConfig]] = PeerXLConfig
+    package: ClassVar[str] = "x-transformers"
+
+    def __init__(self, config: PeerXLConfig):
+        super().__init__(config)
+        lib = require_peer("x_transformers", self.package, self.model_type)
+        self.net = lib.TransformerWrapper(
+            num_tokens=config.vocab_size,
+            max_seq_len=config.segment_len,
+            max_mem_len=config.memory_len,
+            emb_dropout=config.dropout,
+            attn_layers=lib.Decoder(
+                dim=config.d_model,
+                depth=config.n_layers,
+                heads=config.n_heads,
+                attn_dim_head=config.head_dim,
+                ff_mult=config.ff_mult,
+                attn_dropout=config.dropout,
+                ff_dropout=config.dropout,
+                rotary_pos_emb=True,
+            ),
+        )
+
+    def run_segment(self, tokens, state, complete):
+        mems = _unstacked("mem", state, 0) or None
+        if not complete:
+            return self.net(tokens, mems=mems), {}
+        logits, mems = self.net(tokens, mems=mems, return_mems=True)
+        return logits, _stacked("mem", mems, 0)
+
+    def embedding_parameters(self):
+        params = [*self.net.token_emb.parameters(), *self.net.to_logits.parameters()]
+        pos = getattr(self.net, "pos_emb", None)  # a module only when absolute positions are on
+        return params + (list(pos.parameters()) if isinstance(pos, nn.Module) else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# block-recurrent-transformer-pytorch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PeerBlockRecurrentConfig(PeerConfig):
+    """segment_len is the block width; memory_len the number of recurrent state vectors."""
+
+    memory_len: int = 8
+
+    MEMORY_LEN_RANGE: ClassVar[tuple[int, int | None, str]] = (
+        1,
+        None,
+        "the recurrent layer needs state vectors",
+    )
+
+
+class PeerBlockRecurrent(PeerModel):
+    """lucidrains' BlockRecurrentTransformer (Hutchins et al. 2022): a recurrent layer in the
+    middle of the stack with state vectors, plus XL memories; the package detaches both."""
+
+    model_type: ClassVar[str] = "peer_block_recurrent"
+    config_class: ClassVar[type[PeerConfig]] = PeerBlockRecurrentConfig
+    package: ClassVar[str] = "block-recurrent-transformer-pytorch"
+
+    def __init__(self, config: PeerBlockRecurrentConfig):
+        super().__init__(config)
+        lib = require_peer("block_recurrent_transformer_pytorch", self.package, self.model_type)
+        self.net = lib.BlockRecurrentTransformer(
+            num_tokens=config.vocab_size,
+            dim=config.d_model,
+            depth=config.n_layers,
+            dim_head=config.head_dim,
+            heads=config.n_heads,
+            ff_mult=config.ff_mult,
+            max_seq_len=config.segment_len,
+            block_width=config.segment_len,
+            num_state_vectors=config.memory_len,
+        )
+
+    def run_segment(self, tokens, state, complete):
+        mems, states = _unstacked("xl", state, 1), _unstacked("state", state, 0)
+        logits, mems, states = self.net(
+            tokens, xl_memories=mems, states=states, return_memories_and_states=complete
+        )
+        if not complete:
+            return logits, {}
+        new = _stacked("xl", mems, 1)  # (2, B, n, head_dim) per layer
+        new.update(_stacked("state", states, 0))
+        return logits, new
+
+    def embedding_parameters(self):
+        return [self.net.token_emb.weight, *self.net.to_logits[-1].parameters()]
+
+
+PEERS: dict[str, type[PeerModel]] = {
+    cls.model_type: cls for cls in (PeerRMT, PeerInfini, PeerXL, PeerBlockRecurrent)
+}
+
+
+def peer_available(model_type: str) -> bool:
+    """Whether the PyPI package behind a peer adapter is installed."""
+    module = {
+        "peer_rmt": "recurrent_memory_transformer_pytorch",
+        "peer_infini": "infini_transformer_pytorch",
+        "peer_xl": "x_transformers",
+        "peer_block_recurrent": "block_recurrent_transformer_pytorch",
+    }[model_type]
+    return importlib.util.find_spec(module) is not None
+
+
+__all__ = [
+    "PEERS",
+    "PeerBlockRecurrent",
+    "PeerBlockRecurrentConfig",
+    "PeerConfig",
+    "PeerInfini",
+    "PeerInfiniConfig",
+    "PeerModel",
+    "PeerRMT",
+    "PeerRMTConfig",
+    "PeerState",
+    "PeerUnavailableError",
+    "PeerXL",
+    "PeerXLConfig",
+    "peer_available",
+    "require_peer",
+]
