@@ -1,0 +1,228 @@
+"""Passkey retrieval accuracy over context lengths and depths (DESIGN.md §6).
+
+Each prompt (`foldformer.data.passkey`) is streamed through the model with
+`foldformer.generate.ingest` — constant memory for a folded model, so 1M tokens fit on one GPU —
+then decoded greedily. A sample is correct when the generated text, after leading whitespace,
+is exactly the key's digits (a longer run of digits is wrong).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from foldformer.data.passkey import build_passkey_prompt
+from foldformer.evaluate.common import (
+    eval_config,
+    format_size,
+    new_figure,
+    print_table,
+    save_figure,
+    wilson_interval,
+)
+from foldformer.evaluate.records import make_record, write_records
+from foldformer.generate import greedy_generate, ingest
+
+_DIGITS = re.compile(r"^\s*(\d+)")
+
+
+def is_correct(generated_text: str, key: str) -> bool:
+    """Exact match: the first run of digits, right after optional whitespace, is the key."""
+    match = _DIGITS.match(generated_text)
+    return match is not None and match.group(1) == key
+
+
+@dataclass
+class PasskeyCell:
+    length: int
+    depth: float
+    correct: int
+    samples: int
+    outputs: list[tuple[str, str]]  # (key, generated text) per sample
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.samples
+
+
+@torch.no_grad()
+def evaluate_passkey(
+    model: nn.Module,
+    tokenizer,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    samples: int = 20,
+    seed: int = 0,
+    batch_size: int = 8,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> list[PasskeyCell]:
+    """Accuracy for every (length, depth) cell over `samples` random keys (seeded per cell)."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    device = next(model.parameters()).device
+    cells = []
+    total = len(lengths) * len(depths) * samples
+    bar = tqdm(total=total, desc="passkey", unit="prompt", disable=not progress)
+    for length in lengths:
+        for depth in depths:
+            prompts = [
+                build_passkey_prompt(
+                    tokenizer,
+                    length,
+                    depth,
+                    seed=random.Random(f"{seed}/{length}/{depth}/{i}").getrandbits(64),
+                )
+                for i in range(samples)
+            ]
+            # Rows of a batch must have the same length (a stream has no padding): group them.
+            by_length: dict[int, list[int]] = {}
+            for i, prompt in enumerate(prompts):
+                by_length.setdefault(len(prompt.ids), []).append(i)
+            outputs: list[tuple[str, str]] = [("", "")] * samples
+            for indices in by_length.values():
+                for start in range(0, len(indices), batch_size):
+                    rows = indices[start : start + batch_size]
+                    ids = torch.tensor([prompts[i].ids for i in rows], device=device)
+                    new_tokens = max(len(prompts[i].answer_ids) for i in rows) + 2
+                    state = ingest(
+                        model,
+                        ids[:, :-1],
+                        chunk_size=chunk_size,
+                        progress=progress and length > 2**16,
+                    )
+                    generated = greedy_generate(model, ids[:, -1:], new_tokens, memory=state)
+                    for row, i in enumerate(rows):
+                        outputs[i] = (prompts[i].key, tokenizer.decode(generated[row].tolist()))
+                    bar.update(len(rows))
+            correct = sum(is_correct(text, key) for key, text in outputs)
+            cells.append(PasskeyCell(length, depth, correct, samples, outputs))
+    bar.close()
+    return cells
+
+
+def passkey_records(
+    cells: Sequence[PasskeyCell], config: dict[str, Any], device
+) -> list[dict[str, Any]]:
+    """One "passkey_accuracy" record per cell and one overall."""
+    records = []
+    for cell in cells:
+        cell_config = {
+            **config,
+            "eval": {**config.get("eval", {}), "length": cell.length, "depth": cell.depth},
+        }
+        records.append(
+            make_record(
+                "passkey_accuracy",
+                cell.accuracy,
+                wilson_interval(cell.correct, cell.samples),
+                cell_config,
+                {
+                    "correct": cell.correct,
+                    "samples": cell.samples,
+                    "interval_method": "Wilson score, 95%",
+                    "examples": [{"key": k, "generated": g} for k, g in cell.outputs[:5]],
+                },
+                device,
+            )
+        )
+    correct = sum(c.correct for c in cells)
+    total = sum(c.samples for c in cells)
+    records.append(
+        make_record(
+            "passkey_accuracy_overall",
+            correct / total,
+            wilson_interval(correct, total),
+            config,
+            {
+                "correct": correct,
+                "samples": total,
+                "grid": [
+                    {"length": c.length, "depth": c.depth, "accuracy": c.accuracy} for c in cells
+                ],
+            },
+            device,
+        )
+    )
+    return records
+
+
+def accuracy_grid(cells: Sequence[PasskeyCell]) -> tuple[list[int], list[float], np.ndarray]:
+    lengths = sorted({c.length for c in cells})
+    depths = sorted({c.depth for c in cells})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for c in cells:
+        grid[depths.index(c.depth), lengths.index(c.length)] = c.accuracy
+    return lengths, depths, grid
+
+
+def plot_passkey(cells: Sequence[PasskeyCell], path: str | Path, title: str = "") -> Path:
+    """Heat map: depth (rows) against context length (columns), accuracy in each cell."""
+    lengths, depths, grid = accuracy_grid(cells)
+    fig, ax = new_figure(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 2))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [format_size(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("key depth")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=9)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    ax.set_title(title or "passkey retrieval")
+    return save_figure(fig, path)
+
+
+def passkey_command(args) -> int:
+    """`foldformer eval passkey CKPT --lengths 1K,4K --depths 0,0.5,1 --samples 20`."""
+    from foldformer.evaluate.common import load_checkpoint, parse_list, resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_checkpoint(args.checkpoint, device, args.dtype)
+    lengths = parse_list(args.lengths)
+    depths = parse_list(args.depths, float)
+    cells = evaluate_passkey(
+        model, tokenizer, lengths, depths, args.samples, args.seed, args.batch_size
+    )
+    config = eval_config(
+        model,
+        args.checkpoint,
+        task="passkey",
+        lengths=lengths,
+        depths=depths,
+        samples=args.samples,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+    out = Path(args.out)
+    path = write_records(passkey_records(cells, config, device), out / "passkey.json")
+    plot = plot_passkey(cells, out / "passkey.png", f"passkey: {Path(args.checkpoint).name}")
+    lengths_sorted, depths_sorted, grid = accuracy_grid(cells)
+    rows = [
+        [f"{d:g}"] + [f"{grid[i, j]:.0%}" for j in range(len(lengths_sorted))]
+        for i, d in enumerate(depths_sorted)
+    ]
+    print_table(rows, ["depth \\ length"] + [format_size(n) for n in lengths_sorted])
+    print(f"wrote {path} and {plot}")
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="model directory (config.json, weights, tokenizer)")
+    parser.add_argument("--lengths", default="1K,4K", help="prompt lengths, e.g. 1K,64K,1M")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="key depths in [0, 1]")
+    parser.add_argument("--samples", type=int, default=20, help="random keys per cell")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+__all__ = ["PasskeyCell", "evaluate_passkey", "is_correct", "passkey_records", "plot_passkey"]

@@ -1,0 +1,92 @@
+"""Passkey prompts (DESIGN.md §6 format, length, depth) and the passkey evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from foldformer import FoldedConfig, FoldedTransformer
+from foldformer.data.passkey import FILLER_SENTENCES, QUESTION, build_passkey_prompt, key_sentence
+from foldformer.data.tokenizers import ByteTokenizer
+from foldformer.evaluate.passkey import evaluate_passkey, is_correct, passkey_records
+from foldformer.evaluate.records import validate_record
+
+TOKENIZER = ByteTokenizer()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy 2-core machine is not oversubscribed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+LONGEST_SENTENCE = max(len(" " + s) for s in FILLER_SENTENCES)
+
+
+@pytest.mark.parametrize("n_tokens", [200, 1000, 4096, 65536])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_prompt_has_the_requested_length_and_key_depth(n_tokens, depth):
+    prompt = build_passkey_prompt(TOKENIZER, n_tokens, depth, seed=7)
+    text = TOKENIZER.decode(prompt.ids)
+    # length: at most n, short by less than one filler sentence (plus the key's optional space)
+    assert n_tokens - LONGEST_SENTENCE - 1 < len(prompt.ids) <= n_tokens
+    # format: filler sentences, the key sentence once, the question last
+    assert text.endswith(" " + QUESTION)
+    assert text.count(key_sentence(prompt.key)) == 1
+    assert len(prompt.key) == 5 and prompt.key.isdigit()
+    assert TOKENIZER.decode(prompt.ids[prompt.key_start : prompt.key_end]).strip() == (
+        key_sentence(prompt.key)
+    )
+    assert TOKENIZER.decode(prompt.question_ids) == " " + QUESTION
+    assert TOKENIZER.decode(prompt.answer_ids) == prompt.answer == " " + prompt.key
+    # depth: the key starts at fraction p of the filler, within one filler sentence
+    filler = prompt.context_len - (prompt.key_end - prompt.key_start)
+    assert abs(prompt.key_start - depth * filler) <= LONGEST_SENTENCE
+    assert prompt.actual_depth == pytest.approx(depth, abs=LONGEST_SENTENCE / filler)
+    rest = text.replace(key_sentence(prompt.key), "").replace(QUESTION, "")
+    for sentence in FILLER_SENTENCES:
+        rest = rest.replace(sentence, "")
+    assert rest.strip() == ""  # nothing but filler around the key
+
+
+def test_prompt_is_seeded_and_rejects_bad_arguments():
+    a = build_passkey_prompt(TOKENIZER, 500, 0.5, seed=1)
+    assert a.ids == build_passkey_prompt(TOKENIZER, 500, 0.5, seed=1).ids
+    assert a.key != build_passkey_prompt(TOKENIZER, 500, 0.5, seed=2).key
+    assert build_passkey_prompt(TOKENIZER, 500, 0.5, key=12345).key == "12345"
+    with pytest.raises(ValueError, match="depth"):
+        build_passkey_prompt(TOKENIZER, 500, 1.5)
+    with pytest.raises(ValueError, match="too short"):
+        build_passkey_prompt(TOKENIZER, 50, 0.5)
+
+
+def test_exact_match_of_the_digits():
+    assert is_correct(" 12345.", "12345")
+    assert is_correct("12345 is", "12345")
+    assert not is_correct(" 123456", "12345")
+    assert not is_correct(" 1234", "12345")
+    assert not is_correct(" the 12345", "12345")
+
+
+def test_evaluation_grid_and_records():
+    torch.manual_seed(0)
+    model = FoldedTransformer(
+        FoldedConfig(
+            vocab_size=257, d_model=32, n_layers=1, n_heads=2, segment_len=16, memory_len=8
+        )
+    ).eval()
+    cells = evaluate_passkey(model, TOKENIZER, [128, 300], [0.0, 1.0], samples=3, progress=False)
+    assert [(c.length, c.depth) for c in cells] == [(128, 0.0), (128, 1.0), (300, 0.0), (300, 1.0)]
+    for cell in cells:
+        assert cell.samples == 3 and 0 <= cell.correct <= 3
+        assert all(len(key) == 5 for key, _ in cell.outputs)
+    records = passkey_records(cells, {"eval": {"samples": 3}}, "cpu")
+    assert len(records) == 5
+    for record in records:
+        validate_record(record)
+        low, high = record["interval"]
+        assert 0 <= low <= record["value"] <= high <= 1
+    assert records[-1]["metric"] == "passkey_accuracy_overall"
