@@ -63,6 +63,14 @@ def test_ecl_is_the_farthest_significant_step():
     assert effective_context_length(d, synthetic_losses([-0.3] * 5)).ecl == 0
 
 
+def test_min_gain_ignores_clear_but_negligible_gains():
+    d = [0, 8, 16]
+    losses = synthetic_losses([0.5, 0.0])
+    losses[2] = losses[1] - 1e-6 * (1 + np.random.default_rng(0).random(losses.shape[1]))
+    assert effective_context_length(d, losses).ecl == 16  # DESIGN.md: any clear gain counts
+    assert effective_context_length(d, losses, min_gain=1e-4).ecl == 8
+
+
 def test_pairing_detects_small_gains_that_unpaired_comparison_would_miss():
     d = [0, 8]
     losses = synthetic_losses([0.05], n=500, noise=0.05)  # target spread 1.0 >> gain 0.05
