@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -332,7 +333,18 @@ class PeerRMT(PeerModel):
     def __init__(self, config: PeerRMTConfig):
         super().__init__(config)
         lib = require_peer("recurrent_memory_transformer_pytorch", self.package, self.model_type)
-        self.net = lib.RecurrentMemoryTransformer(
+        # hyper-connections picks a residual stream with Python's `random`: seed it from
+        # torch's generator so torch.manual_seed makes the initialisation reproducible.
+        python_random = random.getstate()
+        random.seed(int(torch.randint(0, 2**62, (1,), device="cpu")))
+        try:
+            self.net = self._build(lib, config)
+        finally:
+            random.setstate(python_random)
+
+    @staticmethod
+    def _build(lib, config: PeerRMTConfig) -> nn.Module:
+        return lib.RecurrentMemoryTransformer(
             config.d_model,
             num_tokens=config.vocab_size,
             depth=config.n_layers,
