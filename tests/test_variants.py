@@ -74,6 +74,9 @@ def test_row_logits_do_not_depend_on_other_rows(model_type):
         torch.testing.assert_close(alone[0], batched[row], rtol=0, atol=1e-10)
         rest = model(ids[row : row + 1, 6:], first.memory.index([row])).logits
         torch.testing.assert_close(rest[0], batched[row, 6:], rtol=0, atol=1e-10)
+    # rows split and joined again (micro-batches of a step) continue the same streams
+    joined = model.state_class.concat([first.memory.index([0, 1]), first.memory.index([2, 3])])
+    torch.testing.assert_close(model(ids[:, 6:], joined).logits, batched[:, 6:], rtol=0, atol=1e-10)
 
 
 def reference_sliding_window(model, ids):

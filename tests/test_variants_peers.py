@@ -49,7 +49,8 @@ def test_peer_trains_a_step_streams_and_round_trips(model_type, tmp_path):
         assert model(ids, logits_to_keep=1).logits.shape == (2, 1, 40)
         # chunked (the partial segment is re-read) and token by token equal one call
         first = model(ids[:, :6])
-        rest = model(ids[:, 6:], first.memory)
+        joined = model.state_class.concat([first.memory.index([0]), first.memory.index([1])])
+        rest = model(ids[:, 6:], joined)
         chunked = torch.cat([first.logits, rest.logits], dim=1)
         torch.testing.assert_close(chunked, whole.logits, rtol=1e-4, atol=1e-5)
         state, steps = None, []

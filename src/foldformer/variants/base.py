@@ -116,6 +116,16 @@ class VariantState:
         """The state of the chosen batch rows."""
         return self._map(lambda t, dim: t[(slice(None),) * dim + (rows,)])
 
+    @classmethod
+    def concat(cls: type[S], states: list[S]) -> S:
+        """One state of all the rows of `states` (e.g. the micro-batches of a step)."""
+        first, changes = states[0], {}
+        for field in dataclasses.fields(first):
+            parts = [getattr(s, field.name) for s in states]
+            dim = cls.BATCH_DIMS[field.name]
+            changes[field.name] = None if parts[0] is None else torch.cat(parts, dim=dim)
+        return dataclasses.replace(first, **changes)
+
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors by name, e.g. for ``safetensors.torch.save_file``."""
         return {
@@ -214,6 +224,7 @@ class VariantModel(nn.Module):
 
     model_type: ClassVar[str] = ""
     config_class: ClassVar[type[VariantConfig]] = VariantConfig
+    state_class: ClassVar[type[VariantState]] = VariantState  # what `.memory` holds
 
     def __init__(self, config: VariantConfig):
         super().__init__()

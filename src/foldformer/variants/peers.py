@@ -140,6 +140,14 @@ class PeerState:
     def index(self, rows: Tensor | slice | list[int]) -> PeerState:
         return self._map(lambda t: t[rows])
 
+    @classmethod
+    def concat(cls, states: list[PeerState]) -> PeerState:
+        """One state of all the rows of `states` (e.g. the micro-batches of a step)."""
+        first = states[0]
+        tensors = {k: torch.cat([s.tensors[k] for s in states]) for k in first.tensors}
+        pending = None if first.pending is None else torch.cat([s.pending for s in states])
+        return cls(tensors, pending)
+
     def state_dict(self) -> dict[str, Tensor]:
         out = {f"state.{k}": v.contiguous() for k, v in self.tensors.items()}
         if self.pending is not None:
@@ -171,6 +179,7 @@ class PeerModel(nn.Module):
 
     model_type: ClassVar[str] = ""
     config_class: ClassVar[type[PeerConfig]] = PeerConfig
+    state_class: ClassVar[type[PeerState]] = PeerState
     package: ClassVar[str] = ""
     carries_gradient: ClassVar[bool] = False  # does the state keep a graph across segments
 

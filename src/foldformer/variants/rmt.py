@@ -66,6 +66,7 @@ class RecurrentMemoryTransformer(VariantModel):
 
     model_type: ClassVar[str] = "rmt"
     config_class: ClassVar[type[VariantConfig]] = RMTConfig
+    state_class: ClassVar[type[VariantState]] = RMTState
 
     def __init__(self, config: RMTConfig):
         super().__init__(config)

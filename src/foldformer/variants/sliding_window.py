@@ -124,6 +124,7 @@ class SlidingWindowTransformer(VariantModel):
 
     model_type: ClassVar[str] = "sliding_window"
     config_class: ClassVar[type[VariantConfig]] = SlidingWindowConfig
+    state_class: ClassVar[type[VariantState]] = SlidingWindowState
 
     def __init__(self, config: SlidingWindowConfig):
         super().__init__(config)

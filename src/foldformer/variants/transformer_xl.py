@@ -48,16 +48,17 @@ class TransformerXLConfig(VariantConfig):
 
 @dataclass
 class TransformerXLState(VariantState):
-    """memory: (L, B, m, d) cached inputs of each layer (no gradient).
+    """memory: (B, L, m, d) cached inputs of each layer (no gradient).
     keys, values: (L, B, heads, m + p, head_dim) of the current segment so far, or None on a
-    segment boundary (p = 0). inputs: (L, B, p, d) each layer's inputs for those p tokens."""
+    segment boundary (p = 0). inputs: (B, L, p, d) each layer's inputs for those p tokens.
+    (Batch first except for keys/values, as in FoldState.)"""
 
     memory: Tensor
     keys: Tensor | None = None
     values: Tensor | None = None
     inputs: Tensor | None = None
 
-    BATCH_DIMS: ClassVar[dict[str, int]] = {"memory": 1, "keys": 1, "values": 1, "inputs": 1}
+    BATCH_DIMS: ClassVar[dict[str, int]] = {"memory": 0, "keys": 1, "values": 1, "inputs": 0}
 
     def tokens_in_segment(self) -> int:
         return 0 if self.inputs is None else self.inputs.shape[2]
@@ -68,6 +69,7 @@ class TransformerXL(VariantModel):
 
     model_type: ClassVar[str] = "transformer_xl"
     config_class: ClassVar[type[VariantConfig]] = TransformerXLConfig
+    state_class: ClassVar[type[VariantState]] = TransformerXLState
 
     def __init__(self, config: TransformerXLConfig):
         super().__init__(config)
@@ -76,7 +78,7 @@ class TransformerXL(VariantModel):
     def initial_state(self, batch_size: int) -> TransformerXLState:
         c = self.config
         weight = self.embed.weight
-        memory = weight.new_zeros(c.n_layers, batch_size, c.memory_len, c.d_model)
+        memory = weight.new_zeros(batch_size, c.n_layers, c.memory_len, c.d_model)
         return TransformerXLState(memory=memory)
 
     def run_segment(
@@ -90,7 +92,7 @@ class TransformerXL(VariantModel):
 
         cache: keys/values (L, B, h, m + p, hd) of the segment so far, or None when p = 0 (the
         cached states' keys/values are then computed from `memory`). Returns the final states,
-        keys and values of all m + p + N positions, and each layer's inputs (L, B, N, d).
+        keys and values of all m + p + N positions, and each layer's inputs (B, L, N, d).
         """
         m, N = self.config.memory_len, x.shape[1]
         cos, sin = rotary_tables(
@@ -101,14 +103,14 @@ class TransformerXL(VariantModel):
             if cache is not None:
                 past = (cache[0][layer], cache[1][layer])
             elif m > 0:
-                past = memory_key_values(block, memory[layer].to(x.dtype), cos[:m], sin[:m])
+                past = memory_key_values(block, memory[:, layer].to(x.dtype), cos[:m], sin[:m])
             else:
                 past = None
             inputs.append(x)
             x, k, v = block(x, cos[m + p :], sin[m + p :], past)
             keys.append(k)
             values.append(v)
-        return x, torch.stack(keys), torch.stack(values), torch.stack(inputs)
+        return x, torch.stack(keys), torch.stack(values), torch.stack(inputs, dim=1)
 
     def forward(
         self,
@@ -145,7 +147,7 @@ class TransformerXL(VariantModel):
                     )
                 fresh = torch.zeros_like(state.memory)
                 state = TransformerXLState(
-                    memory=torch.where(resets[None, :, t, None, None], fresh, state.memory)
+                    memory=torch.where(resets[:, t, None, None, None], fresh, state.memory)
                 )
             n = min(w - p, T - t)
             segment = x[:, t : t + n]
