@@ -10,6 +10,15 @@ from foldformer import FoldedConfig, FoldedTransformer
 from foldformer.generate import greedy_generate, ingest, score, stream_losses
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy 2-core machine is not oversubscribed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_model(**overrides) -> FoldedTransformer:
     values = dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, segment_len=4, memory_len=3)
     values.update(overrides)
