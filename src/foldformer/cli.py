@@ -41,9 +41,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_overrides(
+    argv: list[str], subparser: argparse.ArgumentParser
+) -> tuple[list[str], list[str]]:
+    """Take `--key value` pairs the subcommand does not declare out of argv: config overrides."""
+    known = set(subparser._option_string_actions)
+    kept, overrides = [], []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if token.startswith("--") and name not in known:
+            has_value = "=" in token or i + 1 >= len(argv)
+            overrides.extend(argv[i : i + (1 if has_value else 2)])
+            i += 1 if has_value else 2
+        else:
+            kept.append(token)
+            i += 1
+    return kept, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, _ = parser.parse_known_args(argv)
+    extra: list[str] = []
+    if getattr(args, "accepts_overrides", False):
+        argv, extra = split_overrides(argv, args.subparser)
     args = parser.parse_args(argv)
+    args.extra = extra
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2

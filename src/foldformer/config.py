@@ -85,6 +85,9 @@ class FoldedConfig(JsonConfig):
     learned_initial_memory: bool = True  # False: the initial memory is a fixed zero block
     rope_base: float = 10000.0
     init_std: float = 0.02
+    # Beyond the note (off = the note's plain fold): the next memory is a learned per-channel
+    # mix g * old + (1 - g) * new of the old memory and the fold's last m final states.
+    memory_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len"):
@@ -128,6 +131,11 @@ class FoldedConfig(JsonConfig):
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         _check(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base!r}")
         _check(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+        _check(
+            not (self.memory_gate and self.memory_len > self.segment_len),
+            f"memory_gate needs memory_len <= segment_len (the gated rows are new states), got "
+            f"memory_len={self.memory_len}, segment_len={self.segment_len}",
+        )
 
     @property
     def head_dim(self) -> int:

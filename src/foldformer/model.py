@@ -80,6 +80,16 @@ class FoldState:
             None if self.top is None else self.top[rows],
         )
 
+    @classmethod
+    def concat(cls, states: list[FoldState]) -> FoldState:
+        """One state of all the rows of `states` (e.g. the micro-batches of a step)."""
+
+        def cat(name: str, dim: int) -> Tensor | None:
+            parts = [getattr(s, name) for s in states]
+            return None if parts[0] is None else torch.cat(parts, dim=dim)
+
+        return cls(cat("memory", 0), cat("keys", 1), cat("values", 1), cat("top", 0))
+
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors by name, e.g. for ``safetensors.torch.save_file``."""
         tensors = {"memory": self.memory.contiguous()}
@@ -203,6 +213,24 @@ class Block(nn.Module):
         return x, k, v
 
 
+class MemoryGate(nn.Module):
+    """Optional (not in the note): mix the old memory into the new one, LSTM-style.
+
+    g = sigmoid(W [norm(old); norm(new)] + b) per channel; next = g * old + (1 - g) * new.
+    A convex mix of two bounded states stays bounded, so invariant 3 holds.
+    """
+
+    def __init__(self, config: FoldedConfig):
+        super().__init__()
+        self.norm_old, self.norm_new = make_norm(config), make_norm(config)
+        self.linear = nn.Linear(2 * config.d_model, config.d_model)
+
+    def forward(self, old: Tensor, new: Tensor) -> Tensor:
+        gate_in = torch.cat([self.norm_old(old), self.norm_new(new)], dim=-1)
+        gate = torch.sigmoid(self.linear(gate_in.to(self.linear.weight.dtype))).to(new.dtype)
+        return gate * old.to(new.dtype) + (1 - gate) * new
+
+
 class FoldIn(nn.Module):
     """Maps a top-of-stack state back to the input of the stack.
 
@@ -237,6 +265,8 @@ class FoldedTransformer(nn.Module):
     next chunk to continue exactly where the stream stopped.
     """
 
+    state_class = FoldState  # what `.memory` holds
+
     def __init__(self, config: FoldedConfig):
         super().__init__()
         self.config = config
@@ -246,6 +276,7 @@ class FoldedTransformer(nn.Module):
         self.norm_out = make_norm(config)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.fold_in = FoldIn(config)
+        self.memory_gate = MemoryGate(config) if config.memory_gate else None
         m0 = torch.zeros(config.memory_len, config.d_model)
         if config.learned_initial_memory:
             self.initial_memory = nn.Parameter(m0)
@@ -266,6 +297,8 @@ class FoldedTransformer(nn.Module):
                 nn.init.normal_(linear.weight, std=std / math.sqrt(2 * self.config.n_layers))
         if self.fold_in.linear is not None:
             nn.init.eye_(self.fold_in.linear.weight)
+        if self.memory_gate is not None:
+            nn.init.zeros_(self.memory_gate.linear.bias)  # g = 0.5: half old, half new
         if self.config.learned_initial_memory:
             nn.init.normal_(self.initial_memory, std=1.0)
 
@@ -380,7 +413,10 @@ class FoldedTransformer(nn.Module):
                 fold_top = state.top
             t += n
             if p + n == w:  # segment complete: condense its last m final states
-                state = FoldState(memory=fold_top[:, fold_top.shape[1] - m :])
+                new_memory = fold_top[:, fold_top.shape[1] - m :]
+                if self.memory_gate is not None:
+                    new_memory = self.memory_gate(state.memory, new_memory)
+                state = FoldState(memory=new_memory)
                 folds_done += 1
                 if bptt and folds_done % bptt == 0:
                     state = state.detach()

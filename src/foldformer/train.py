@@ -1,0 +1,771 @@
+"""One training loop for every model in the project, from one CPU to several GPUs.
+
+    foldformer train [CONFIG.toml] [--preset NAME] [--data SPEC ...] [--out DIR]
+                     [--max-steps N] [--resume DIR] [--key value ...]
+
+Each batch row is a continuous stream: the model's memory for that row is carried from one
+step to the next (detached at the batch edge, as Transformer-XL carries its cache) and reset
+at document boundaries. Under `torchrun --nproc_per_node N` the same command trains with DDP
+(NCCL on GPUs, gloo on CPUs), each rank reading its own share of the streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from foldformer.config import ConfigError, JsonConfig
+from foldformer.models import build_model
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig(JsonConfig):
+    """How to train. Every field can be overridden on the command line by its name."""
+
+    batch_size: int = 16  # stream rows per device (split into grad_accum micro-batches)
+    seq_len: int = 256  # tokens per row per step; a multiple of segment_len
+    grad_accum: int = 1
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # >0: stop (and save) once this much wall time has passed
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    bptt: int = 0  # detach the memory every bptt folds inside a step (0: whole step)
+    checkpoint_folds: bool = False  # activation checkpointing per fold
+    compile: bool = False  # torch.compile the model
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
+    eval_every: int = 200  # 0 disables periodic validation
+    eval_batches: int = 8
+    save_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
+    memory_fraction: float = 0.0  # >0: cap CUDA memory per process (e.g. the note's 24 GB)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_batches")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
+            )
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision={self.precision!r} is not one of auto, fp32, bf16")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.memory_fraction <= 1:
+            raise ConfigError(f"memory_fraction must be in [0, 1], got {self.memory_fraction!r}")
+
+
+@dataclass
+class DataConfig(JsonConfig):
+    """What to train on: data specs (see docs/data.md) and the tokenizer."""
+
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    tokenizer: str = "bytes"  # "bytes", a tokenizer.json, or a directory holding one
+    cache_dir: str = ""  # token cache; default ~/.cache/foldformer
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model fields (with model_type), training and data."""
+
+    model: dict[str, Any]
+    train: TrainConfig
+    data: DataConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": dict(self.model),
+            "train": self.train.to_dict(),
+            "data": self.data.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        unknown = sorted(set(values) - {"model", "train", "data"})
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; sections: model, train, data")
+        return cls(
+            model=dict(values.get("model", {})),
+            train=TrainConfig.from_dict(values.get("train", {})),
+            data=DataConfig.from_dict(values.get("data", {})),
+        )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU, minutes: byte-level, w = m = 8, gated memory (the demo's model).
+    "tiny": {
+        "model": dict(model_type="folded", d_model=64, n_layers=2, n_heads=4,
+                      segment_len=8, memory_len=8, memory_gate=True),
+        "train": dict(batch_size=32, seq_len=128, lr=1e-3, warmup_steps=20, max_steps=1000,
+                      eval_every=100, eval_batches=4, save_every=200),
+    },
+    # The note's set-up: w = m = 12, a small GPT, byte-level BPE trained on the pg training split.
+    "seed": {
+        "model": dict(model_type="folded", d_model=384, n_layers=6, n_heads=6,
+                      segment_len=12, memory_len=12),
+        "train": dict(batch_size=256, seq_len=384, lr=1.5e-3, warmup_steps=200, max_steps=5000,
+                      checkpoint_folds=True, eval_every=500, save_every=1000),
+    },
+    # GPU throughput: GPT-2-small shape, w = m = 512.
+    "base": {
+        "model": dict(model_type="folded", d_model=768, n_layers=12, n_heads=12,
+                      segment_len=512, memory_len=512, activation="gelu"),
+        "train": dict(batch_size=32, seq_len=2048, lr=6e-4, warmup_steps=500, max_steps=20000,
+                      checkpoint_folds=True, eval_every=1000, save_every=2000),
+    },
+}  # fmt: skip
+
+
+def load_run_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: dict[str, str] | None = None,
+) -> RunConfig:
+    """Preset, then TOML/JSON file, then `key=value` overrides (by field name)."""
+    values: dict[str, Any] = {"model": {"model_type": "folded"}, "train": {}, "data": {}}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+        for section, fields in PRESETS[preset].items():
+            values[section].update(fields)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        if path.suffix == ".json":
+            loaded = json.loads(path.read_text())
+        else:
+            loaded = _tomllib().loads(path.read_text())
+        for section, fields in loaded.items():
+            if section not in values:
+                raise ConfigError(f"unknown config section [{section}] in {path}")
+            values[section].update(fields)
+    for key, raw in (overrides or {}).items():
+        section, name = _find_field(key, values["model"].get("model_type", "folded"))
+        values[section][name] = _parse_value(raw)
+    return RunConfig.from_dict(values)
+
+
+def _tomllib():
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    return tomllib
+
+
+def _find_field(key: str, model_type: str) -> tuple[str, str]:
+    """`section.name` or a bare name that belongs to exactly one section."""
+    import dataclasses
+
+    from foldformer.models import _classes
+
+    _, model_config_class = _classes(model_type)
+    sections = {
+        "model": {f.name for f in dataclasses.fields(model_config_class)} | {"model_type"},
+        "train": {f.name for f in dataclasses.fields(TrainConfig)},
+        "data": {f.name for f in dataclasses.fields(DataConfig)},
+    }
+    key = key.replace("-", "_")
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section in sections and name in sections[section]:
+            return section, name
+    else:
+        owners = [s for s, names in sections.items() if key in names]
+        if len(owners) == 1:
+            return owners[0], key
+        if len(owners) > 1:
+            raise ConfigError(
+                f"--{key} is ambiguous: write one of {[f'{s}.{key}' for s in owners]}"
+            )
+    raise ConfigError(f"unknown option --{key}: not a field of the model, train or data config")
+
+
+def _parse_value(raw: str) -> Any:
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    if "," in raw:
+        return [part for part in raw.split(",") if part]
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initialises the process group under torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name == "cuda" and world_size > 1:
+        device_name = f"cuda:{local_rank}"
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not norms, biases or the initial memory)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "initial_memory" not in name else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio at max_steps."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(
+        1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    )
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (
+        1 + math.cos(math.pi * progress)
+    )
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rng_states() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Every RNG the loop touches, as JSON-able values and tensors (nothing to unpickle)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    values = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = state
+    return values, tensors
+
+
+def set_rng_states(values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = values["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = values["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: model (safetensors) + tokenizer + trainer state, written atomically
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and p.is_dir())
+
+
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    trainer_state: dict[str, Any],
+    stream_memory: Any,
+    keep: int,
+) -> Path:
+    """Write checkpoints/step_N: a loadable model directory plus everything resume needs."""
+    from safetensors.torch import save_file
+
+    final = out_dir / "checkpoints" / f"step_{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(model).save_pretrained(tmp)
+    tokenizer.save(tmp)
+    # Optimizer and scheduler hold only tensors and numbers: torch.load(weights_only=True)
+    # reads them back without unpickling arbitrary objects.
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        tmp / "optimizer.pt",
+    )
+    rng_values, rng_tensors = rng_states()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    if stream_memory is not None:
+        save_file(stream_memory.state_dict(), str(tmp / "stream_memory.safetensors"))
+    state = {"step": step, "rng": rng_values, **trainer_state}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # atomic: a checkpoint either exists whole or not at all
+    for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_resume_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    found = checkpoint_dirs(path)
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: no checkpoints/step_* in it")
+    return found[-1]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train(
+    run: RunConfig,
+    out_dir: str | Path,
+    resume: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train a model as `run` says; returns a summary (final losses, tokens, time)."""
+    from foldformer.data.sources import make_batch_source
+    from foldformer.data.synthetic import answer_accuracy
+    from foldformer.data.tokenizers import load_tokenizer
+
+    cfg = run.train
+    out_dir = Path(out_dir)
+    rank, world_size, device = setup_distributed(cfg.device)
+    is_main = rank == 0
+    if device.type == "cuda" and cfg.memory_fraction > 0:
+        torch.cuda.set_per_process_memory_fraction(cfg.memory_fraction, device)
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+
+    tokenizer = load_tokenizer(run.data.tokenizer)
+    model_values = dict(run.model)
+    model_type = model_values.pop("model_type", "folded")
+    model_values.setdefault("vocab_size", tokenizer.vocab_size)
+    if model_values["vocab_size"] < tokenizer.vocab_size:
+        raise ConfigError(
+            f"vocab_size={model_values['vocab_size']} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size}"
+        )
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(model_type, model_values).to(device)
+    segment_len = model.config.segment_len
+    # Streams are stateful (memory carried across steps) when a step ends on a fold boundary.
+    # A model whose fold is longer than a step (full attention) sees each step on its own.
+    stateful = segment_len <= cfg.seq_len
+    if stateful and cfg.seq_len % segment_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} is not a multiple of segment_len={segment_len}")
+
+    source_args = dict(
+        tokenizer=tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+        segment_len=segment_len if stateful else cfg.seq_len, rank=rank, world_size=world_size, seed=cfg.seed,
+        cache_dir=run.data.cache_dir or None,
+    )  # fmt: skip
+    if not run.data.train:
+        raise ConfigError("no training data: give --data SPEC (docs/data.md lists the specs)")
+    train_source = make_batch_source(run.data.train, **source_args)
+    # Synthetic and BABILong tasks climb a curriculum driven by answer accuracy.
+    curriculum = getattr(train_source, "curriculum", None)
+    val_specs = run.data.val
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+    step, stream_memory, trainer_state = 0, None, {}
+    if resume is not None:
+        from safetensors.torch import load_file, load_model
+
+        ckpt = find_resume_checkpoint(resume)
+        load_model(unwrap(model), str(ckpt / "model.safetensors"), device=str(device))
+        saved = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+        step = trainer_state["step"]
+        train_source.load_state_dict(trainer_state["data"][rank])
+        if (ckpt / "stream_memory.safetensors").is_file() and world_size == 1:
+            stream_memory = unwrap(model).state_class.from_state_dict(
+                load_file(str(ckpt / "stream_memory.safetensors"), device=str(device))
+            )
+        set_rng_states(trainer_state["rng"], load_file(str(ckpt / "rng.safetensors")))
+        if is_main:
+            print(f"resumed from {ckpt} at step {step}")
+
+    if world_size > 1:
+        if cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in unwrap(model).blocks:
+                fully_shard(block)
+            fully_shard(model)
+        else:
+            # The initial memory gets a gradient only in steps where some row resets.
+            model = nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+    if cfg.compile:
+        model = torch.compile(model)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (out_dir / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    logger = MetricLogger(out_dir, enabled=is_main)
+    n_params = unwrap(model).num_parameters()
+    if is_main:
+        print(
+            f"{model_type} model: {n_params / 1e6:.2f}M non-embedding parameters, "
+            f"{world_size} process(es) on {device.type}"
+        )
+
+    micro_rows = cfg.batch_size // cfg.grad_accum
+    tokens_per_step = cfg.batch_size * cfg.seq_len * world_size
+    progress = _progress_bar(cfg, step, is_main)
+    val_loss = None
+    started = time.time()
+    last_log = time.time()
+    last_log_step = step
+    try:
+        while step < cfg.max_steps:
+            model.train()
+            batch = train_source.next_batch()
+            new_memory = []
+            total_loss = torch.zeros((), device=device)
+            answers = torch.zeros(2, device=device)  # rows answered correctly, rows answered
+            for micro in range(cfg.grad_accum):
+                rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
+                memory = None if stream_memory is None else stream_memory.index(rows)
+                sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with autocast_context(device, cfg.precision):
+                        out = model(
+                            batch.input_ids[rows].to(device, non_blocking=True),
+                            memory=memory,
+                            labels=batch.labels[rows].to(device, non_blocking=True),
+                            reset_mask=(
+                                batch.reset_mask[rows].to(device, non_blocking=True)
+                                if stateful
+                                else None
+                            ),
+                            bptt=cfg.bptt,
+                            checkpoint=cfg.checkpoint_folds,
+                        )
+                    (out.loss / cfg.grad_accum).backward()
+                total_loss += out.loss.detach() / cfg.grad_accum
+                new_memory.append(out.memory.detach())
+                if curriculum is not None:
+                    answers += torch.tensor(
+                        answer_accuracy(out.logits.detach(), batch.labels[rows].to(device)),
+                        device=device,
+                    )
+            # carried, gradient-free, to the next step
+            stream_memory = type(new_memory[0]).concat(new_memory) if stateful else None
+            grad_norm = (
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if cfg.grad_clip > 0
+                else None
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if curriculum is not None:  # every rank moves to the next level together
+                if world_size > 1:
+                    dist.all_reduce(answers)
+                if batch.meta.get("level", train_source.level) == train_source.level:
+                    curriculum.update(int(answers[0]), int(answers[1]))
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if world_size > 1:
+                    dist.all_reduce(total_loss, op=dist.ReduceOp.AVG)
+                elapsed = time.time() - last_log
+                tokens_per_s = tokens_per_step * (step - last_log_step) / max(elapsed, 1e-9)
+                last_log, last_log_step = time.time(), step
+                record = {
+                    "step": step,
+                    "loss": total_loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": step * tokens_per_step,
+                    "tokens_per_s": tokens_per_s,
+                }
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                if curriculum is not None:
+                    record["answer_accuracy"] = answers[0].item() / max(answers[1].item(), 1)
+                    record["curriculum_level"] = train_source.level
+                if device.type == "cuda":
+                    record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                logger.log(record)
+                if progress is not None:
+                    progress.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        tok_s=f"{tokens_per_s:,.0f}",
+                        **(
+                            {"mem_gb": f"{record['max_memory_gb']:.1f}"}
+                            if "max_memory_gb" in record
+                            else {}
+                        ),
+                    )
+            if progress is not None:
+                progress.update(1)
+            if (
+                val_specs
+                and cfg.eval_every
+                and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+            ):
+                val_loss = validate(
+                    model, val_specs, source_args, cfg, device, world_size, stateful
+                )
+                logger.log({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step})
+            if cfg.max_minutes and out_of_time(started, cfg.max_minutes, world_size, device):
+                if is_main:
+                    print(f"\nstopping at step {step}: max_minutes={cfg.max_minutes} reached")
+                break
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                _save(out_dir, step, model, tokenizer, optimizer, scheduler, train_source,
+                      stream_memory, cfg, rank, world_size)  # fmt: skip
+    except KeyboardInterrupt:
+        if is_main:
+            print(f"\ninterrupted at step {step}: saving a checkpoint to resume from")
+        _save(out_dir, step, model, tokenizer, optimizer, scheduler, train_source,
+              stream_memory, cfg, rank, world_size)  # fmt: skip
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        logger.close()
+
+    _save(out_dir, step, model, tokenizer, optimizer, scheduler, train_source, stream_memory,
+          cfg, rank, world_size)  # fmt: skip
+    final_dir = out_dir / "final"
+    if is_main:
+        shutil.rmtree(final_dir, ignore_errors=True)
+        unwrap(model).save_pretrained(final_dir)
+        tokenizer.save(final_dir)
+    summary = {
+        "steps": step,
+        "tokens": step * tokens_per_step,
+        "final_train_loss": logger.last.get("loss"),
+        "final_val_loss": val_loss,
+        "non_embedding_parameters": n_params,
+        "out_dir": str(out_dir),
+    }
+    if is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if world_size > 1:
+        dist.barrier()
+    return summary
+
+
+def _save(out_dir, step, model, tokenizer, optimizer, scheduler, source, stream_memory, cfg,
+          rank, world_size) -> None:  # fmt: skip
+    """Gather every rank's data position, then rank 0 writes the checkpoint."""
+    data_state = source.state_dict()
+    if world_size > 1:
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, data_state)
+        data_states = gathered
+    else:
+        data_states = [data_state]
+    if rank == 0:
+        save_checkpoint(
+            out_dir, step, model, tokenizer, optimizer, scheduler, {"data": data_states},
+            stream_memory if world_size == 1 else None, cfg.keep_checkpoints,
+        )  # fmt: skip
+    if world_size > 1:
+        dist.barrier()
+
+
+def out_of_time(started: float, max_minutes: float, world_size: int, device) -> bool:
+    """Rank 0's clock decides, so every rank stops at the same step."""
+    late = torch.tensor(float(time.time() - started > 60 * max_minutes), device=device)
+    if world_size > 1:
+        dist.broadcast(late, src=0)
+    return bool(late.item())
+
+
+@torch.no_grad()
+def validate(
+    model, val_specs, source_args, cfg: TrainConfig, device, world_size, stateful: bool
+) -> float:
+    """Mean loss over the first eval_batches batches of the validation streams (memory carried)."""
+    from foldformer.data.sources import make_batch_source
+
+    model.eval()
+    source = make_batch_source(val_specs, **{**source_args, "seed": 1234})
+    total, memory = torch.zeros((), device=device), None
+    for _ in range(cfg.eval_batches):
+        batch = source.next_batch()
+        with autocast_context(device, cfg.precision):
+            out = unwrap(model)(
+                batch.input_ids.to(device),
+                memory=memory,
+                labels=batch.labels.to(device),
+                reset_mask=batch.reset_mask.to(device) if stateful else None,
+            )
+        memory = out.memory if stateful else None
+        total += out.loss.float()
+    if world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    return total.item() / cfg.eval_batches
+
+
+class MetricLogger:
+    """Metrics to out_dir/metrics.jsonl and TensorBoard (out_dir/tb)."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.last: dict[str, Any] = {}
+        self.writer = None
+        if not enabled:
+            return
+        self.file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+        except ImportError:  # tensorboard is a dependency; tolerate its absence anyway
+            self.writer = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.last.update(record)
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _progress_bar(cfg: TrainConfig, step: int, is_main: bool):
+    if not (cfg.progress and is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model (single process, or DDP/FSDP under torchrun)",
+        description="Train a model. Options not listed below are config fields: --d_model 256, "
+        "--segment_len 12, --lr 3e-4 ... (also --train.lr style).",
+    )
+    parser.add_argument("config", nargs="?", help="TOML or JSON file with [model], [train], [data]")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset")
+    parser.add_argument("--data", nargs="+", metavar="SPEC", help="training data specs")
+    parser.add_argument("--val-data", nargs="+", metavar="SPEC", help="validation data specs")
+    parser.add_argument("--out", default="runs/latest", help="output directory")
+    parser.add_argument("--max-steps", type=int, help="number of optimizer steps")
+    parser.add_argument("--resume", metavar="DIR", help="continue from a run or checkpoint dir")
+    parser.set_defaults(handler=_run_train, accepts_overrides=True, subparser=parser)
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """`--key value` and `--key=value` pairs left over by argparse."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            raise ConfigError(f"unexpected argument {item!r}: overrides are --key value")
+        if "=" in item:
+            key, value = item[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(extra):
+                raise ConfigError(f"option {item} needs a value")
+            key, value = item[2:], extra[i + 1]
+            i += 2
+        overrides[key] = value
+    return overrides
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(getattr(args, "extra", []))
+    if args.max_steps is not None:
+        overrides["max_steps"] = str(args.max_steps)
+    run = load_run_config(args.config, args.preset, overrides)
+    if args.data:
+        run.data.train = list(args.data)
+    if args.val_data:
+        run.data.val = list(args.val_data)
+    summary = train(run, args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
