@@ -1,0 +1,1012 @@
+"""Baselines and peers side by side, from one command (DESIGN.md §5, §6).
+
+    foldformer compare CONFIG.toml [--out DIR] [--models a,b,...] [--data SPEC ...]
+                       [--val-data SPEC ...] [--set section.key=value ...] [--threads N]
+
+CONFIG holds the folded model's shape (``[model]``), the models to compare (``[compare]``),
+the training shared by all of them (``[train]``: same data, tokenizer, seed, steps and so the
+same tokens seen), the data (``[data]``) and the evaluation settings (``[eval]``)::
+
+    [model]                     # the folded model; every baseline keeps its shape and w
+    d_model = 64
+    n_layers = 2
+    n_heads = 4
+    segment_len = 16
+    memory_len = 16
+
+    [compare]
+    models = ["folded", "no_memory", "full_attention", "transformer_xl", "rmt"]
+    tolerance = 0.10            # non-embedding parameters within ±10% of the folded model
+
+    [overrides.rmt]             # optional per-model fields, applied before matching
+    memory_len = 8
+
+    [train]                     # TrainConfig (docs/training.md)
+    batch_size = 16
+    seq_len = 256
+    max_steps = 300
+
+    [data]
+    train = ["../shared/data/books/pg1342.txt"]
+    val = ["../shared/data/books/pg35.txt"]
+    tokenizer = "bytes"
+
+    [eval]                      # EvalSettings below
+    ecl_targets = 64
+    passkey_lengths = [256, 1024]
+
+For each model: its config from ``baseline_configs``, d_ff (or d_model) moved by
+``match_parameters`` until its non-embedding parameter count is within the tolerance of the
+folded model's (a model outside the band is refused before anything trains), training with
+``train()`` into OUT/models/NAME, then ECL, passkey, bits per byte and memory/speed on
+OUT/models/NAME/final. A peer whose PyPI package is missing is skipped with the reason.
+
+Written: OUT/results.json (every record, `foldformer report` reads it), OUT/results.md (one
+table), OUT/ecl.png (loss against context, all models), OUT/memory.png (inference memory and
+speed against length), OUT/training.png (loss against tokens). A re-run reuses every model that
+finished (its final directory and eval.json exist, same configuration); an unfinished model is
+trained again from the start, so its training time stays one uninterrupted measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import platform
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from foldformer.config import ConfigError, JsonConfig
+from foldformer.train import DataConfig, RunConfig, TrainConfig, _parse_value, _tomllib
+from foldformer.variants.baselines import BASELINES, IN_HOUSE
+
+EVALUATIONS = ("ecl", "passkey", "lm", "memory")
+# Run fields that may change between a run and its re-run without invalidating trained models.
+_IGNORED_ON_RERUN = {"train": {"progress", "device"}, "data": {"cache_dir"}}
+
+
+class CompareError(ValueError):
+    """A comparison cannot run as configured; the message names the model and the value."""
+
+
+class ParameterMismatchError(CompareError):
+    """A model's non-embedding parameter count is outside the tolerance band."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompareSettings(JsonConfig):
+    """Which models, and how strictly their sizes must match the folded model's."""
+
+    models: list[str] = field(default_factory=lambda: list(IN_HOUSE))
+    tolerance: float = 0.10  # relative band of non-embedding parameters around the folded model
+    match_parameters: bool = True  # False: take each config as given, still check the band
+
+    def __post_init__(self) -> None:
+        if isinstance(self.models, str):
+            self.models = [m for m in self.models.split(",") if m]
+        unknown = [m for m in self.models if m not in BASELINES]
+        if unknown:
+            raise ConfigError(f"unknown model(s) {unknown} in [compare] models; known: "
+                              f"{list(BASELINES)}")  # fmt: skip
+        if not self.models:
+            raise ConfigError("[compare] models is empty: list at least one model")
+        if len(set(self.models)) != len(self.models):
+            raise ConfigError(f"[compare] models lists a model twice: {self.models}")
+        if not 0 < self.tolerance < 1:
+            raise ConfigError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
+
+
+@dataclass
+class EvalSettings(JsonConfig):
+    """The evaluation suite run on every model (docs/evaluation.md), on the [data] val specs."""
+
+    run: list[str] = field(default_factory=lambda: list(EVALUATIONS))  # which evaluations
+    dtype: str = "float32"
+    seed: int = 0
+    # effective context length
+    ecl_targets: int = 100
+    ecl_max_distance: int = 512
+    ecl_unit: int = 0  # grid unit; 0: the folded model's w for every model (one shared grid)
+    ecl_batch_size: int = 16
+    ecl_bootstrap: int = 2000
+    ecl_min_gain: float = 0.0
+    # passkey retrieval
+    passkey_lengths: list[int] = field(default_factory=lambda: [256, 1024])
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    passkey_samples: int = 10
+    passkey_batch_size: int = 8
+    # bits per byte on the validation documents
+    lm_max_documents: int = 0  # 0: all
+    lm_max_tokens: int = 20000  # per document; 0: all
+    # memory and speed
+    memory_lengths: list[int] = field(default_factory=lambda: [512, 2048, 8192])
+    memory_modes: list[str] = field(default_factory=lambda: ["inference"])
+    memory_batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        from foldformer.evaluate.common import DTYPES, parse_list, parse_size
+
+        unknown = [e for e in self.run if e not in EVALUATIONS]
+        if unknown:
+            raise ConfigError(f"unknown evaluation(s) {unknown} in [eval] run; known: "
+                              f"{list(EVALUATIONS)}")  # fmt: skip
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"[eval] dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        # sizes may be written "4K"; lists may be written "1K,4K"
+        self.ecl_max_distance = parse_size(self.ecl_max_distance)
+        self.passkey_lengths = parse_list(self.passkey_lengths)
+        self.passkey_depths = parse_list(self.passkey_depths, float)
+        self.memory_lengths = parse_list(self.memory_lengths)
+        self.memory_modes = parse_list(self.memory_modes, str)
+        bad_modes = [m for m in self.memory_modes if m not in ("inference", "training")]
+        if bad_modes:
+            raise ConfigError(f"[eval] memory_modes {bad_modes}: use inference and/or training")
+        for name in ("ecl_targets", "ecl_batch_size", "passkey_samples", "memory_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"[eval] {name} must be >= 1, got {getattr(self, name)!r}")
+        if not all(0 <= d <= 1 for d in self.passkey_depths):
+            raise ConfigError(f"[eval] passkey_depths must lie in [0, 1]: {self.passkey_depths}")
+
+
+SECTIONS = ("model", "compare", "overrides", "train", "data", "eval")
+
+
+@dataclass
+class CompareConfig:
+    """A whole comparison: base shape, models, per-model overrides, training, data, eval."""
+
+    model: dict[str, Any]
+    compare: CompareSettings
+    train: TrainConfig
+    data: DataConfig
+    eval: EvalSettings
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        model_type = self.model.pop("model_type", "folded")
+        if model_type != "folded":
+            raise ConfigError(
+                f"[model] is the folded model every baseline is built from; model_type must be "
+                f"'folded', got {model_type!r} (list baselines in [compare] models)"
+            )
+        unknown = [name for name in self.overrides if name not in BASELINES]
+        if unknown:
+            raise ConfigError(f"[overrides.{unknown[0]}] names no model; known: {list(BASELINES)}")
+        if self.train.max_minutes:
+            raise ConfigError(
+                f"train.max_minutes={self.train.max_minutes}: a comparison gives every model the "
+                "same token budget; set train.max_steps instead"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": dict(self.model),
+            "compare": self.compare.to_dict(),
+            "overrides": {k: dict(v) for k, v in self.overrides.items()},
+            "train": self.train.to_dict(),
+            "data": self.data.to_dict(),
+            "eval": self.eval.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CompareConfig:
+        unknown = sorted(set(values) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; sections: {list(SECTIONS)}")
+        return cls(
+            model=dict(values.get("model", {})),
+            compare=CompareSettings.from_dict(values.get("compare", {})),
+            train=TrainConfig.from_dict(values.get("train", {})),
+            data=DataConfig.from_dict(values.get("data", {})),
+            eval=EvalSettings.from_dict(values.get("eval", {})),
+            overrides={k: dict(v) for k, v in values.get("overrides", {}).items()},
+        )
+
+
+def load_compare_config(
+    path: str | Path | None = None, overrides: dict[str, str] | None = None
+) -> CompareConfig:
+    """The TOML (or JSON) file, then `section.key=value` overrides (`overrides.rmt.memory_len`
+    for a per-model field). Values are parsed like command-line overrides of `train`."""
+    values: dict[str, Any] = {section: {} for section in SECTIONS}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"comparison config {path} does not exist")
+        text = path.read_text()
+        loaded = json.loads(text) if path.suffix == ".json" else _tomllib().loads(text)
+        for section, fields in loaded.items():
+            if section not in values:
+                raise ConfigError(f"unknown section [{section}] in {path}; sections: {SECTIONS}")
+            if not isinstance(fields, dict):
+                raise ConfigError(f"[{section}] in {path} must be a table, got {fields!r}")
+            values[section].update(fields)
+    for key, raw in (overrides or {}).items():
+        parts = key.split(".")
+        if parts[0] not in SECTIONS or len(parts) != (3 if parts[0] == "overrides" else 2):
+            raise ConfigError(
+                f"override {key!r} is not section.key (sections: {', '.join(SECTIONS)}; "
+                "per model: overrides.NAME.key)"
+            )
+        target = values
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        value = _parse_value(raw) if isinstance(raw, str) else raw
+        if parts[0] == "data" and parts[1] in ("train", "val") and isinstance(value, str):
+            value = [value]  # one data spec
+        target[parts[-1]] = value
+    return CompareConfig.from_dict(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelPlan:
+    """One model of the comparison: its config and size, or why it is skipped."""
+
+    name: str
+    model_type: str
+    values: dict[str, Any]  # config fields without model_type
+    parameters: int | None = None  # non-embedding
+    ratio: float | None = None  # parameters / the folded model's
+    skipped: str | None = None  # the reason, when the model cannot run here
+
+    def run_model_dict(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, **self.values}
+
+
+def check_parameter_band(name: str, count: int, target: int, tolerance: float) -> float:
+    """The ratio count / target; ParameterMismatchError when it is outside 1 ± tolerance."""
+    ratio = count / target
+    if not 1 - tolerance <= ratio <= 1 + tolerance:
+        raise ParameterMismatchError(
+            f"model {name!r} has {count:,} non-embedding parameters, {ratio:.3f}× the folded "
+            f"model's {target:,}: outside the ±{tolerance:.0%} band a comparison requires "
+            f"(change its [overrides.{name}] or let [compare] match_parameters adjust d_ff)"
+        )
+    return ratio
+
+
+def plan_models(config: CompareConfig, vocab_size: int) -> tuple[int, list[ModelPlan]]:
+    """(the folded model's non-embedding parameter count, one plan per listed model).
+
+    Raises ParameterMismatchError for a model that cannot be brought within the band: nothing
+    should train when the comparison would not be at matched size.
+    """
+
+    base = {"vocab_size": vocab_size, **config.model}
+    names = list(config.compare.models)
+    with _quiet_peer_logs():
+        return _plan_models(config, base, names)
+
+
+@contextlib.contextmanager
+def _quiet_peer_logs():
+    """x-transformers logs a warning (through loguru) for every model it builds; matching
+    builds dozens on the meta device."""
+    try:
+        from loguru import logger
+    except ImportError:
+        yield
+        return
+    logger.disable("x_transformers")
+    try:
+        yield
+    finally:
+        logger.enable("x_transformers")
+
+
+def _plan_models(config: CompareConfig, base: dict[str, Any], names: list[str]):
+    from foldformer.variants.baselines import (
+        baseline_configs,
+        config_values,
+        count_parameters,
+        match_parameters,
+    )
+    from foldformer.variants.peers import PeerUnavailableError
+
+    configs = baseline_configs(base, names=sorted(set(names) | {"folded"}, key=names_order))
+    folded = {**configs["folded"], **config.overrides.get("folded", {})}
+    target = count_parameters("folded", config_values(folded))
+    tolerance = config.compare.tolerance
+    plans = []
+    for name in names:
+        entry = {**configs[name], **config.overrides.get(name, {})}
+        model_type = entry.pop("model_type")
+        plan = ModelPlan(name, model_type, entry)
+        try:
+            if name == "folded" or not config.compare.match_parameters:
+                plan.parameters = count_parameters(model_type, entry)
+            else:
+                try:
+                    plan.values, plan.parameters = match_parameters(
+                        model_type, entry, target, tolerance
+                    )
+                except PeerUnavailableError:
+                    raise
+                except ValueError as error:
+                    raise ParameterMismatchError(f"model {name!r}: {error}") from error
+        except PeerUnavailableError as error:
+            plan.skipped = str(error)
+            plans.append(plan)
+            continue
+        plan.ratio = check_parameter_band(name, plan.parameters, target, tolerance)
+        plans.append(plan)
+    return target, plans
+
+
+def names_order(name: str) -> int:
+    """Position of a model name in the table order of BASELINES."""
+    return list(BASELINES).index(name)
+
+
+def print_plans(target: int, plans: list[ModelPlan], tolerance: float) -> None:
+    print(f"non-embedding parameters, matched to the folded model's {target:,} (±{tolerance:.0%}):")
+    for p in plans:
+        if p.skipped:
+            print(f"  {p.name:<22} skipped: {p.skipped}")
+            continue
+        shape = f"d_model={p.values.get('d_model')} d_ff={p.values.get('d_ff')}"
+        shape += f" w={p.values.get('segment_len')} m={p.values.get('memory_len')}"
+        print(f"  {p.name:<22} {p.parameters:>12,}  ratio {p.ratio:.3f}  ({shape})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation documents, read once for every model
+# ---------------------------------------------------------------------------------------------
+
+
+class ValidationDocuments:
+    """The [data] val documents as tokens (through the token cache the trainer also uses)."""
+
+    def __init__(self, config: CompareConfig, tokenizer, progress: bool = True):
+        self.config, self.tokenizer, self.progress = config, tokenizer, progress
+        self._corpus = None
+
+    @property
+    def corpus(self):
+        if self._corpus is None:
+            from foldformer.data.cache import tokenize_corpus
+
+            if not self.config.data.val:
+                raise CompareError(
+                    "the evaluations read held-out text: give [data] val (or --val-data)"
+                )
+            self._corpus = tokenize_corpus(
+                list(self.config.data.val),
+                self.tokenizer,
+                self.config.data.cache_dir or None,
+                progress=self.progress,
+            )
+        return self._corpus
+
+    def token_documents(self, min_tokens: int) -> list[tuple[str, Any]]:
+        corpus = self.corpus
+        docs = [(corpus.names[i], corpus.document(i)) for i in range(len(corpus))]
+        kept = [(n, d) for n, d in docs if len(d) >= min_tokens]
+        if not kept:
+            raise CompareError(
+                f"no validation document has {min_tokens} tokens (longest: "
+                f"{max(len(d) for _, d in docs)}); lower [eval] ecl_max_distance"
+            )
+        return kept
+
+    def text_documents(self, max_documents: int) -> list[tuple[str, str]]:
+        corpus = self.corpus
+        n = len(corpus) if not max_documents else min(max_documents, len(corpus))
+        return [(corpus.names[i], self.tokenizer.decode(corpus.document(i).tolist()))
+                for i in range(n)]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# One model: train, evaluate
+# ---------------------------------------------------------------------------------------------
+
+
+def _comparable(run: dict[str, Any]) -> dict[str, Any]:
+    run = json.loads(json.dumps(run))  # tuples -> lists, as read back from JSON
+    for section, names in _IGNORED_ON_RERUN.items():
+        for name in names:
+            run.get(section, {}).pop(name, None)
+    return run
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def train_model(plan: ModelPlan, config: CompareConfig, model_dir: Path) -> dict[str, Any]:
+    """Train (or reuse) one model; returns its state: run config, summary, train seconds."""
+    from foldformer.train import train
+
+    run = RunConfig(model=plan.run_model_dict(), train=config.train, data=config.data)
+    state_path = model_dir / "compare_state.json"
+    state = _read_json(state_path)
+    if state is not None and (model_dir / "final" / "config.json").is_file():
+        changes = _differences(_comparable(state["run"]), _comparable(run.to_dict()))
+        if changes:
+            raise CompareError(
+                f"{model_dir} was trained with another configuration ({'; '.join(changes[:5])}); "
+                "write to another --out, or delete that folder to train it again"
+            )
+        print(f"  {plan.name}: already trained in {model_dir}, reused")
+        return state
+    if model_dir.exists():
+        if not (model_dir / "run_config.json").is_file():
+            raise CompareError(f"{model_dir} exists and is not a training run: move it away")
+        print(f"  {plan.name}: unfinished run in {model_dir}, training it again from the start")
+        shutil.rmtree(model_dir)
+    started = time.perf_counter()
+    summary = train(run, model_dir)
+    state = {
+        "run": run.to_dict(),
+        "summary": summary,
+        "train_seconds": time.perf_counter() - started,
+    }
+    _write_json(state_path, state)
+    return state
+
+
+def evaluate_model(
+    name: str,
+    checkpoint: Path,
+    settings: EvalSettings,
+    val: ValidationDocuments,
+    device: torch.device,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The evaluation suite on one checkpoint: ECL, passkey, bits per byte, memory/speed."""
+    from foldformer.evaluate.common import eval_config, load_checkpoint
+
+    records: list[dict[str, Any]] = []
+    model, tokenizer = load_checkpoint(checkpoint, device, settings.dtype)
+    if "ecl" in settings.run:
+        from foldformer.evaluate.ecl import WINDOW, ecl_records, evaluate_ecl
+
+        documents = val.token_documents(settings.ecl_max_distance + WINDOW)
+        result = evaluate_ecl(
+            model,
+            [ids for _, ids in documents],
+            n_targets=settings.ecl_targets,
+            max_distance=settings.ecl_max_distance,
+            unit=settings.ecl_unit or None,
+            batch_size=settings.ecl_batch_size,
+            seed=settings.seed,
+            n_boot=settings.ecl_bootstrap,
+            min_gain=settings.ecl_min_gain,
+            progress=progress,
+        )
+        config = eval_config(model, checkpoint, task="ecl", targets=settings.ecl_targets,
+                             max_distance=settings.ecl_max_distance,
+                             grid_unit=result.extra["unit"], seed=settings.seed,
+                             bootstrap=settings.ecl_bootstrap, min_gain=settings.ecl_min_gain,
+                             dtype=settings.dtype, documents=[n for n, _ in documents])  # fmt: skip
+        records += ecl_records(result, config, device)
+        low, high = result.ecl_interval
+        print(f"  {name}: ECL = {result.ecl} tokens (95% interval {low}–{high})")
+    if "passkey" in settings.run:
+        from foldformer.evaluate.passkey import evaluate_passkey, passkey_records
+
+        cells = evaluate_passkey(model, tokenizer, settings.passkey_lengths,
+                                 settings.passkey_depths, settings.passkey_samples, settings.seed,
+                                 settings.passkey_batch_size, progress=progress)  # fmt: skip
+        config = eval_config(model, checkpoint, task="passkey", lengths=settings.passkey_lengths,
+                             depths=settings.passkey_depths, samples=settings.passkey_samples,
+                             seed=settings.seed, dtype=settings.dtype)  # fmt: skip
+        records += passkey_records(cells, config, device)
+        correct, total = sum(c.correct for c in cells), sum(c.samples for c in cells)
+        print(f"  {name}: passkey {correct}/{total} correct")
+    if "lm" in settings.run:
+        from foldformer.evaluate.lm import evaluate_lm, lm_records
+
+        result = evaluate_lm(model, tokenizer, val.text_documents(settings.lm_max_documents),
+                             settings.lm_max_tokens or None, progress=progress)  # fmt: skip
+        config = eval_config(model, checkpoint, task="lm", max_documents=settings.lm_max_documents,
+                             max_tokens=settings.lm_max_tokens, dtype=settings.dtype)  # fmt: skip
+        records += lm_records(result, config, device)
+        print(f"  {name}: {result.bits_per_byte:.4f} bits per byte over {result.tokens:,} tokens")
+    del model
+    gc.collect()
+    if "memory" in settings.run:
+        from foldformer.evaluate.memory import bench_memory, memory_records
+
+        spec = {"kind": "checkpoint", "name": name, "path": str(checkpoint)}
+        points = bench_memory([spec], settings.memory_lengths, settings.memory_modes,
+                              settings.memory_batch_size, device, progress=progress)  # fmt: skip
+        params = {"batch_size": settings.memory_batch_size, "lengths": settings.memory_lengths}
+        records += memory_records(points, device, params)
+    for record in records:
+        record["config"]["name"] = name
+    return records
+
+
+def training_records(
+    plan: ModelPlan, target: int, state: dict[str, Any], tolerance: float, device
+) -> list[dict[str, Any]]:
+    """Size, tokens seen, time and final losses of one trained model, as result records."""
+    from foldformer.evaluate.records import make_record
+
+    summary = state["summary"]
+    config = {"name": plan.name, "model": plan.run_model_dict(), "train": state["run"]["train"],
+              "data": state["run"]["data"]}  # fmt: skip
+    size_extra = {"folded_parameters": target, "ratio": plan.ratio, "tolerance": tolerance}
+    return [
+        make_record("non_embedding_parameters", plan.parameters, None, config, size_extra, device),
+        make_record(
+            "tokens_seen", summary["tokens"], None, config, {"steps": summary["steps"]}, device
+        ),  # fmt: skip
+        make_record(
+            "train_seconds",
+            state["train_seconds"],
+            None,
+            config,
+            {"definition": "wall time of train(), data caching included"},
+            device,
+        ),  # fmt: skip
+        make_record(
+            "final_train_loss",
+            summary["final_train_loss"],
+            None,
+            config,
+            {"unit": "nats/token", "definition": "mean over the last log step"},
+            device,
+        ),  # fmt: skip
+        make_record(
+            "final_val_loss",
+            summary["final_val_loss"],
+            None,
+            config,
+            {"unit": "nats/token", "definition": "train(): eval_batches of the val streams"},
+            device,
+        ),  # fmt: skip
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole comparison
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (as lscpu prints it), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_comparison(
+    config: CompareConfig,
+    out_dir: str | Path,
+    command: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train and evaluate every model of `config`; write results.json, results.md and plots.
+
+    Returns every record written to OUT/results.json.
+    """
+    from foldformer.data.tokenizers import load_tokenizer
+    from foldformer.evaluate.common import resolve_device
+    from foldformer.evaluate.records import load_records, make_record, write_records
+    from foldformer.train import setup_distributed
+
+    out_dir = Path(out_dir)
+    _, world_size, device = setup_distributed(config.train.device)
+    if world_size > 1:
+        raise CompareError("run compare as one process (it trains models one after another)")
+    device = resolve_device(str(device))
+    if not config.eval.ecl_unit:  # one distance grid for every model: the folded model's w
+        config.eval.ecl_unit = int(config.model.get("segment_len", 8))
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    target, plans = plan_models(config, tokenizer.vocab_size)
+    print_plans(target, plans, config.compare.tolerance)
+    _warm_token_cache(config, tokenizer, progress)
+    val = ValidationDocuments(config, tokenizer, progress)
+
+    all_records: list[dict[str, Any]] = []
+    runnable = [p for p in plans if not p.skipped]
+    for i, plan in enumerate(runnable, 1):
+        model_dir = out_dir / "models" / plan.name
+        print(f"[{i}/{len(runnable)}] {plan.name} ({plan.model_type}, {plan.parameters:,} "
+              f"non-embedding parameters, ratio {plan.ratio:.3f})", flush=True)  # fmt: skip
+        state = train_model(plan, config, model_dir)
+        summary = state["summary"]
+        print(f"  {plan.name}: {summary['tokens']:,} tokens in {state['train_seconds']:.1f} s, "
+              f"final val loss {_num(summary['final_val_loss'])}", flush=True)  # fmt: skip
+        eval_path = model_dir / "eval.json"
+        eval_settings = config.eval.to_dict()
+        if eval_path.is_file() and state.get("eval") == eval_settings:
+            print(f"  {plan.name}: evaluations already in {eval_path}, reused")
+            records = load_records([eval_path])
+        else:
+            records = evaluate_model(plan.name, model_dir / "final", config.eval, val, device,
+                                     progress)  # fmt: skip
+            write_records(records, eval_path)
+            state["eval"] = eval_settings
+            _write_json(model_dir / "compare_state.json", state)
+        tolerance = config.compare.tolerance
+        all_records += training_records(plan, target, state, tolerance, device) + records
+    for plan in plans:
+        if plan.skipped:
+            all_records.append(make_record("model_skipped", plan.skipped, None,
+                                           {"name": plan.name, "model_type": plan.model_type},
+                                           {"reason": plan.skipped}, device))  # fmt: skip
+    header = make_record(
+        "comparison",
+        len(runnable),
+        None,
+        {"name": "comparison", **config.to_dict()},
+        {
+            "command": command,
+            "models": [p.name for p in runnable],
+            "skipped": {p.name: p.skipped for p in plans if p.skipped},
+            "folded_parameters": target,
+            "seed": config.train.seed,
+            "cpu_model": cpu_model_name(),
+            "tokens_per_model": config.train.max_steps
+            * config.train.batch_size
+            * config.train.seq_len,
+        },
+        device,
+    )
+    all_records.insert(0, header)
+    write_records(all_records, out_dir / "results.json")
+    (out_dir / "results.md").write_text(results_markdown(all_records) + "\n")
+    plots = plot_results(all_records, out_dir)
+    print(results_table(all_records))
+    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'} and "
+          f"{', '.join(str(p) for p in plots)}")  # fmt: skip
+    return all_records
+
+
+def _warm_token_cache(config: CompareConfig, tokenizer, progress: bool) -> None:
+    """Tokenize the text corpora once, before the first model's clock starts."""
+    from foldformer.data.cache import tokenize_corpus
+    from foldformer.data.sources import TASK_PREFIXES
+
+    for specs in (config.data.train, config.data.val):
+        specs = [s for s in specs if not str(s).startswith(TASK_PREFIXES)]
+        if specs:
+            tokenize_corpus(specs, tokenizer, config.data.cache_dir or None, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Table and plots, from the records alone (so they can be remade from results.json)
+# ---------------------------------------------------------------------------------------------
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}g}" if isinstance(value, float) else f"{value:,}"
+
+
+def _by_model(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        name = r["config"].get("name")
+        if name and r["metric"] != "comparison":
+            grouped.setdefault(name, []).append(r)
+    return grouped
+
+
+def _one(records: list[dict[str, Any]], metric: str, **eval_match: Any) -> dict[str, Any] | None:
+    for r in records:
+        if r["metric"] != metric:
+            continue
+        params = r["config"].get("eval", {})
+        if all(params.get(k) == v for k, v in eval_match.items()):
+            return r
+    return None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.1f} min"
+
+
+def _interval(record: dict[str, Any], pattern: str) -> str:
+    interval = record.get("interval")
+    return "" if not interval else " " + pattern.format(*interval)
+
+
+def results_table(records: list[dict[str, Any]]) -> str:
+    """One Markdown table, one row per model (skipped models say why)."""
+    from foldformer.evaluate.common import format_size
+
+    grouped = _by_model(records)
+    lengths = sorted({r["config"]["eval"]["length"] for r in records
+                      if r["metric"] == "passkey_accuracy"})  # fmt: skip
+    memory = [r for r in records if r["metric"] == "peak_memory_mib"
+              and r["config"]["eval"].get("mode") == "inference"]  # fmt: skip
+    t_max = max((r["config"]["eval"]["length"] for r in memory), default=None)
+    t_text = format_size(t_max) if t_max else "–"
+    header = (["model", "non-emb. params (× folded)", "tokens seen", "train time",
+               "final val loss", "LM bits/byte [95%]", "ECL [95%]"]
+              + [f"passkey {format_size(n)}" for n in lengths]
+              + [f"inference peak MiB at {t_text} (over baseline)", f"tokens/s at {t_text}"])  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "| --- " + "| ---: " * (len(header) - 1) + "|"]
+    for name, rs in sorted(grouped.items(), key=lambda kv: names_order(kv[0])
+                           if kv[0] in BASELINES else len(BASELINES)):  # fmt: skip
+        skipped = _one(rs, "model_skipped")
+        if skipped:
+            reason = str(skipped["value"]).split(". ")[0]
+            lines.append(f"| {name} | skipped: {reason} |" + " |" * (len(header) - 2))
+            continue
+        params = _one(rs, "non_embedding_parameters")
+        tokens = _one(rs, "tokens_seen")
+        seconds = _one(rs, "train_seconds")
+        val_loss = _one(rs, "final_val_loss")
+        bpb = _one(rs, "bits_per_byte")
+        ecl = _one(rs, "ecl")
+        row = [
+            name,
+            "–" if not params else f"{params['value']:,} ({params['extra']['ratio']:.3f})",
+            "–" if not tokens else f"{tokens['value']:,}",
+            _duration(seconds["value"] if seconds else None),
+            _num(val_loss["value"] if val_loss else None),
+            "–" if not bpb else f"{bpb['value']:.3f}" + _interval(bpb, "[{:.3f}, {:.3f}]"),
+            "–" if not ecl else f"{ecl['value']}" + _interval(ecl, "[{}–{}]"),
+        ]
+        for n in lengths:
+            cells = [r for r in rs if r["metric"] == "passkey_accuracy"
+                     and r["config"]["eval"]["length"] == n]  # fmt: skip
+            correct = sum(c["extra"]["correct"] for c in cells)
+            total = sum(c["extra"]["samples"] for c in cells)
+            row.append(f"{correct / total:.0%} ({correct}/{total})" if total else "–")
+        peak = _one(rs, "peak_memory_mib", mode="inference", length=t_max)
+        work = _one(rs, "work_memory_mib", mode="inference", length=t_max)
+        speed = _one(rs, "tokens_per_second", mode="inference", length=t_max)
+        row.append("–" if not peak else f"{peak['value']:.1f} ({work['value']:.1f})")
+        row.append("–" if not speed else f"{speed['value']:,.0f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def results_markdown(records: list[dict[str, Any]]) -> str:
+    """results.md: what was run, where, when, and the table."""
+    header = next((r for r in records if r["metric"] == "comparison"), None)
+    lines = ["# Comparison", ""]
+    if header:
+        hw, extra, code = header["hardware"], header["extra"], header["code_version"]
+        train = header["config"]["train"]
+        device = hw.get("device_name") if hw.get("device", "").startswith("cuda") else (
+            f"{extra.get('cpu_model')} ({hw.get('cpu_count')} CPUs, "
+            f"{hw.get('torch_threads')} torch threads)")  # fmt: skip
+        commit = (code.get("git_commit") or "unknown")[:12]
+        dirty = " (uncommitted changes)" if code.get("git_dirty") else ""
+        lines += [
+            f"- command: `{extra.get('command') or 'foldformer compare'}`",
+            f"- hardware: {hw.get('device')}, {device}; torch {hw.get('torch')}",
+            f"- date: {header['date']}",
+            f"- code: foldformer {code.get('package')}, commit {commit}{dirty}",
+            f"- seed {extra.get('seed')}; every model: {train['max_steps']} steps × "
+            f"{train['batch_size']} rows × {train['seq_len']} tokens = "
+            f"{extra.get('tokens_per_model'):,} tokens, data {header['config']['data']['train']}, "
+            f"tokenizer {header['config']['data']['tokenizer']}",
+            f"- folded model: {extra.get('folded_parameters'):,} non-embedding parameters; "
+            f"others matched within ±{header['config']['compare']['tolerance']:.0%}",
+            "",
+        ]
+    lines.append(results_table(records))
+    lines += [
+        "",
+        "Columns: loss in nats/token; LM bits per byte on the validation documents (bootstrap "
+        "over documents); ECL in tokens with its bootstrap interval (DESIGN.md §6); passkey "
+        "accuracy over all depths at each prompt length; peak memory of streaming inference "
+        "(CPU: process RSS, CUDA: allocated) and, in brackets, its rise over the memory before "
+        "the work. All records: results.json (`foldformer report results.json`).",
+    ]
+    return "\n".join(lines)
+
+
+def plot_results(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """ecl.png (loss against context, every model), memory.png (inference memory and speed
+    against length), training.png (loss against tokens, where the training logs exist)."""
+    from foldformer.evaluate.common import new_figure, save_figure
+
+    grouped = _by_model(records)
+    written = []
+    ecl = {n: _one(rs, "ecl") for n, rs in grouped.items() if _one(rs, "ecl")}
+    if ecl:
+        fig, ax = new_figure(figsize=(7, 4.5))
+        units = []
+        for name, r in ecl.items():
+            curve = r["extra"]["curve"]
+            d = [p["distance"] for p in curve]
+            loss = [p["loss"] for p in curve]
+            err = [[p["loss"] - p["loss_interval"][0] for p in curve],
+                   [p["loss_interval"][1] - p["loss"] for p in curve]]  # fmt: skip
+            ax.errorbar(
+                d, loss, yerr=err, marker="o", capsize=2, label=f"{name} (ECL {r['value']})"
+            )
+            units.append(r["extra"].get("grid_unit") or (d[1] if len(d) > 1 else 1))
+        ax.set_xscale("symlog", linthresh=min(units))
+        ax.set_xlabel("context tokens before the 64-token target window (d)")
+        ax.set_ylabel("loss on the target window (nats/token)")
+        ax.set_title("loss against context (held-out text)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(save_figure(fig, out_dir / "ecl.png"))
+    memory_metrics = ("work_memory_mib", "tokens_per_second")
+    if any(r["metric"] in memory_metrics for r in records):
+        fig, (left, right) = new_figure(1, 2, figsize=(11, 4.5))
+        for name, rs in grouped.items():
+            for mode, style in (("inference", "-"), ("training", "--")):
+                for ax, metric in zip((left, right), memory_metrics, strict=True):
+                    points = sorted((r["config"]["eval"]["length"], max(r["value"], 1e-3))
+                                    for r in rs if r["metric"] == metric
+                                    and r["config"]["eval"].get("mode") == mode)  # fmt: skip
+                    if points:
+                        ax.plot(*zip(*points, strict=True), style, marker="o",
+                                label=f"{name} {mode}")  # fmt: skip
+        labels = ("peak memory over the baseline before the work (MiB)", "tokens/s")
+        for ax, label in zip((left, right), labels, strict=True):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length (tokens)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3, which="both")
+        left.legend(fontsize=7)
+        left.set_title("memory against length")
+        right.set_title("speed against length")
+        written.append(save_figure(fig, out_dir / "memory.png"))
+    logs = {n: out_dir / "models" / n / "metrics.jsonl" for n in grouped}
+    logs = {n: p for n, p in logs.items() if p.is_file()}
+    if logs:
+        fig, ax = new_figure(figsize=(7, 4.5))
+        for name, path in logs.items():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+            val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+            (line,) = ax.plot(*zip(*train, strict=True), alpha=0.5, label=f"{name} train")
+            if val:
+                ax.plot(*zip(*val, strict=True), "o-", color=line.get_color(),
+                        label=f"{name} val")  # fmt: skip
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title("training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        written.append(save_figure(fig, out_dir / "training.png"))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="train and evaluate baselines side by side at matched size",
+        description="Train every model listed in CONFIG on the same data and token budget at "
+        "matched non-embedding parameters (±10%%), run ECL, passkey, bits per byte and "
+        "memory/speed on each, and write results.json, results.md and plots.",
+    )
+    parser.add_argument(
+        "config", help="TOML (or JSON) file: [model] [compare] [train] [data] [eval]"
+    )
+    parser.add_argument("--out", default="results/compare", help="output folder")
+    parser.add_argument(
+        "--models", help="comma-separated subset, e.g. folded,rmt (default: CONFIG's)"
+    )
+    parser.add_argument("--data", nargs="+", metavar="SPEC", help="training data specs")
+    parser.add_argument("--val-data", nargs="+", metavar="SPEC", help="validation data specs")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: CONFIG's train.device)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. train.max_steps=100 or overrides.rmt.memory_len=8",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1 on CPU: small models run fastest on one thread)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_run_compare)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run (recorded in results.json and results.md)."""
+    parts = ["foldformer", "compare", args.config, "--out", args.out]
+    if args.models:
+        parts += ["--models", args.models]
+    for flag, specs in (("--data", args.data), ("--val-data", args.val_data)):
+        if specs:
+            parts += [flag, *specs]
+    if args.device:
+        parts += ["--device", args.device]
+    for item in args.set:
+        parts += ["--set", item]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    return shlex.join(str(p) for p in parts)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} is not SECTION.KEY=VALUE")
+        overrides[key.strip()] = value
+    if args.models:
+        overrides["compare.models"] = [m for m in args.models.split(",") if m]
+    if args.data:
+        overrides["data.train"] = list(args.data)
+    if args.val_data:
+        overrides["data.val"] = list(args.val_data)
+    if args.device:
+        overrides["train.device"] = args.device
+    if args.no_progress:
+        overrides["train.progress"] = False
+    config = load_compare_config(args.config, overrides)
+    command = command_line(args)
+    device = config.train.device
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif on_cpu:
+        torch.set_num_threads(1)
+    run_comparison(config, args.out, command=command, progress=config.train.progress)
+    return 0
+
+
+__all__ = [
+    "CompareConfig",
+    "CompareError",
+    "CompareSettings",
+    "EvalSettings",
+    "ModelPlan",
+    "ParameterMismatchError",
+    "check_parameter_band",
+    "load_compare_config",
+    "plan_models",
+    "results_markdown",
+    "results_table",
+    "run_comparison",
+]
