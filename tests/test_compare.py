@@ -1,0 +1,201 @@
+"""`foldformer compare`: a micro comparison runs end to end, sizes are matched and enforced,
+a missing peer is skipped with its reason, and a re-run reuses finished models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import foldformer.train
+from foldformer.cli import main
+from foldformer.compare import (
+    CompareError,
+    ParameterMismatchError,
+    check_parameter_band,
+    load_compare_config,
+    plan_models,
+)
+from foldformer.config import ConfigError
+from foldformer.evaluate.records import load_records, validate_record
+from foldformer.variants import peers
+
+BOOK = " ".join(
+    f"Chapter {i}. The traveller walked along the river for {i} days. "
+    f"He saw a heron, a mill and a bridge. Nobody knew where the road would end."
+    for i in range(40)
+)
+
+MICRO = """
+[model]
+d_model = 32
+n_layers = 1
+n_heads = 2
+segment_len = 8
+memory_len = 8
+
+[compare]
+models = ["folded", "no_memory", "peer_xl"]
+
+[train]
+batch_size = 2
+seq_len = 32
+max_steps = 3
+warmup_steps = 1
+eval_every = 3
+eval_batches = 1
+save_every = 0
+log_every = 1
+progress = false
+
+[data]
+train = ["{root}/train.txt"]
+val = ["{root}/val_a.txt", "{root}/val_b.txt"]
+cache_dir = "{root}/cache"
+
+[eval]
+ecl_targets = 4
+ecl_max_distance = 16
+ecl_bootstrap = 50
+passkey_lengths = [128]
+passkey_depths = [0.5]
+passkey_samples = 1
+lm_max_tokens = 200
+memory_lengths = [32, 64]
+"""
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """compare sets torch to one CPU thread (its default); later tests get their setting back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    (tmp_path / "train.txt").write_text(BOOK)
+    (tmp_path / "val_a.txt").write_text(BOOK.replace("heron", "swan"))
+    (tmp_path / "val_b.txt").write_text(BOOK.replace("mill", "tower"))
+    config = tmp_path / "micro.toml"
+    config.write_text(MICRO.replace("{root}", str(tmp_path)))
+    return tmp_path
+
+
+def peer_missing(monkeypatch):
+    """Simulate a machine without the peers' PyPI packages."""
+
+    def require_peer(module, package, model_type):
+        raise peers.PeerUnavailableError(
+            f"model_type {model_type!r} wraps the PyPI package {package!r}, which is not "
+            f"installed. Install the peers with: pip install 'foldformer[peers]'"
+        )
+
+    monkeypatch.setattr(peers, "require_peer", require_peer)
+
+
+def test_micro_comparison_writes_one_row_per_model_and_reuses_finished_models(
+    workspace, monkeypatch, capsys
+):
+    peer_missing(monkeypatch)
+    out = workspace / "out"
+    assert (
+        main(["compare", str(workspace / "micro.toml"), "--out", str(out), "--threads", "1"]) == 0
+    )
+    printed = capsys.readouterr().out
+
+    # sizes printed per model with the ratio to the folded model
+    assert "matched to the folded model's" in printed
+    assert "no_memory" in printed and "ratio 0.9" in printed
+    assert "peer_xl" in printed and "skipped" in printed and "foldformer[peers]" in printed
+
+    records = json.loads((out / "results.json").read_text())
+    for record in records:
+        validate_record(record)
+    assert records[0]["metric"] == "comparison"
+    assert records[0]["extra"]["models"] == ["folded", "no_memory"]
+    assert records[0]["hardware"]["cpu_count"] >= 1 and records[0]["code_version"]["package"]
+    by_model = {}
+    for r in records[1:]:
+        by_model.setdefault(r["config"]["name"], set()).add(r["metric"])
+    assert set(by_model) == {"folded", "no_memory", "peer_xl"}
+    for name in ("folded", "no_memory"):
+        assert {"non_embedding_parameters", "tokens_seen", "train_seconds", "final_val_loss",
+                "ecl", "passkey_accuracy", "bits_per_byte", "peak_memory_mib",
+                "tokens_per_second"} <= by_model[name]  # fmt: skip
+    assert by_model["peer_xl"] == {"model_skipped"}
+    tokens = {r["config"]["name"]: r["value"] for r in records if r["metric"] == "tokens_seen"}
+    assert tokens == {"folded": 3 * 2 * 32, "no_memory": 3 * 2 * 32}  # one token budget
+    ratios = [r["extra"]["ratio"] for r in records if r["metric"] == "non_embedding_parameters"]
+    assert all(0.9 <= x <= 1.1 for x in ratios)
+    # m = 0 cannot see before the window: ECL is 0 by construction
+    ecl = {r["config"]["name"]: r["value"] for r in records if r["metric"] == "ecl"}
+    assert ecl["no_memory"] == 0
+
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["folded", "no_memory", "peer_xl"]
+    assert "skipped" in rows[-1]
+    assert "passkey 128" in rows[0] and "ECL" in rows[0]
+    for png in ("ecl.png", "memory.png", "training.png"):
+        assert (out / png).stat().st_size > 1000
+    assert (out / "models" / "folded" / "final" / "config.json").is_file()
+
+    # A re-run trains and evaluates nothing again: both models finished.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished model was trained again")
+
+    monkeypatch.setattr(foldformer.train, "train", no_training)
+    monkeypatch.setattr("foldformer.compare.evaluate_model", no_training)
+    (out / "results.json").unlink()
+    assert main(["compare", str(workspace / "micro.toml"), "--out", str(out)]) == 0
+    assert "already trained" in capsys.readouterr().out
+    assert len(load_records([out / "results.json"])) == len(records)
+
+    # ... but a changed configuration is refused rather than silently mixed with old models.
+    with pytest.raises(CompareError, match="lr"):
+        main(["compare", str(workspace / "micro.toml"), "--out", str(out),
+              "--set", "train.lr=0.01"])  # fmt: skip
+
+
+def test_parameter_band_is_enforced(workspace):
+    assert check_parameter_band("rmt", 105, 100, 0.10) == pytest.approx(1.05)
+    with pytest.raises(ParameterMismatchError, match=r"'rmt' has 120 .*±10%"):
+        check_parameter_band("rmt", 120, 100, 0.10)
+
+    # Matching moves d_ff back into the band ...
+    config = load_compare_config(
+        workspace / "micro.toml",
+        {"compare.models": "folded,transformer_xl", "overrides.transformer_xl.d_ff": "1024"},
+    )
+    target, plans = plan_models(config, vocab_size=257)
+    xl = plans[1]
+    assert xl.values["d_ff"] != 1024 and 0.9 <= xl.ratio <= 1.1
+    assert abs(xl.parameters - target) <= 0.1 * target
+    # ... and without matching, the same model is refused before anything trains.
+    config = load_compare_config(
+        workspace / "micro.toml",
+        {"compare.models": "folded,transformer_xl", "compare.match_parameters": "false",
+         "overrides.transformer_xl.d_ff": "1024"},
+    )  # fmt: skip
+    with pytest.raises(ParameterMismatchError, match="transformer_xl"):
+        plan_models(config, vocab_size=257)
+
+
+def test_config_is_checked_and_overridable(workspace):
+    path = workspace / "micro.toml"
+    config = load_compare_config(
+        path, {"data.train": ".carry/pg.tar.xz?split=train", "eval.passkey_lengths": "1K,4K"}
+    )
+    assert config.data.train == [".carry/pg.tar.xz?split=train"]
+    assert config.eval.passkey_lengths == [1024, 4096]
+    with pytest.raises(ConfigError, match="unknown model"):
+        load_compare_config(path, {"compare.models": "folded,gpt5"})
+    with pytest.raises(ConfigError, match="same token budget"):
+        load_compare_config(path, {"train.max_minutes": "5"})
+    with pytest.raises(ConfigError, match="section.key"):
+        load_compare_config(path, {"lr": "0.1"})
+    with pytest.raises(ConfigError, match="unknown TrainConfig field"):
+        load_compare_config(path, {"train.learning_rate": "0.1"})
