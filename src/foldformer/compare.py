@@ -801,6 +801,24 @@ def results_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def shapes_table(records: list[dict[str, Any]]) -> str:
+    """Each trained model's type and the shape fields parameter matching may have moved."""
+    lines = ["| model | model_type | d_model | d_ff | n_layers | n_heads | w | m |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in records:
+        if r["metric"] != "non_embedding_parameters":
+            continue
+        m = r["config"]["model"]
+        w = m.get("segment_len")
+        w_text = "∞ (one segment)" if isinstance(w, int) and w >= 10**9 else str(w)
+        lines.append(
+            f"| {r['config']['name']} | {m.get('model_type')} | {m.get('d_model')} | "
+            f"{m.get('d_ff')} | {m.get('n_layers')} | {m.get('n_heads')} | {w_text} | "
+            f"{m.get('memory_len')} |"
+        )
+    return "\n".join(lines)
+
+
 def results_markdown(records: list[dict[str, Any]]) -> str:
     """results.md: what was run, where, when, and the table."""
     header = next((r for r in records if r["metric"] == "comparison"), None)
@@ -810,7 +828,7 @@ def results_markdown(records: list[dict[str, Any]]) -> str:
         train = header["config"]["train"]
         device = hw.get("device_name") if hw.get("device", "").startswith("cuda") else (
             f"{extra.get('cpu_model')} ({hw.get('cpu_count')} CPUs, "
-            f"{hw.get('torch_threads')} torch threads)")  # fmt: skip
+            f"torch on {hw.get('torch_threads')} thread(s))")  # fmt: skip
         commit = (code.get("git_commit") or "unknown")[:12]
         dirty = " (uncommitted changes)" if code.get("git_dirty") else ""
         lines += [
@@ -820,8 +838,10 @@ def results_markdown(records: list[dict[str, Any]]) -> str:
             f"- code: foldformer {code.get('package')}, commit {commit}{dirty}",
             f"- seed {extra.get('seed')}; every model: {train['max_steps']} steps × "
             f"{train['batch_size']} rows × {train['seq_len']} tokens = "
-            f"{extra.get('tokens_per_model'):,} tokens, data {header['config']['data']['train']}, "
-            f"tokenizer {header['config']['data']['tokenizer']}",
+            f"{extra.get('tokens_per_model'):,} tokens, tokenizer "
+            f"{header['config']['data']['tokenizer']}",
+            f"- training data: {', '.join(header['config']['data']['train'])}",
+            f"- validation data: {', '.join(header['config']['data']['val'])}",
             f"- folded model: {extra.get('folded_parameters'):,} non-embedding parameters; "
             f"others matched within ±{header['config']['compare']['tolerance']:.0%}",
             "",
@@ -834,6 +854,10 @@ def results_markdown(records: list[dict[str, Any]]) -> str:
         "accuracy over all depths at each prompt length; peak memory of streaming inference "
         "(CPU: process RSS, CUDA: allocated) and, in brackets, its rise over the memory before "
         "the work. All records: results.json (`foldformer report results.json`).",
+        "",
+        "Shapes after parameter matching (w = segment length, m = memory size):",
+        "",
+        shapes_table(records),
     ]
     return "\n".join(lines)
 
@@ -847,7 +871,7 @@ def plot_results(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     written = []
     ecl = {n: _one(rs, "ecl") for n, rs in grouped.items() if _one(rs, "ecl")}
     if ecl:
-        fig, ax = new_figure(figsize=(7, 4.5))
+        fig, ax = new_figure(figsize=(9, 4.5))
         units = []
         for name, r in ecl.items():
             curve = r["extra"]["curve"]
@@ -860,11 +884,14 @@ def plot_results(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             )
             units.append(r["extra"].get("grid_unit") or (d[1] if len(d) > 1 else 1))
         ax.set_xscale("symlog", linthresh=min(units))
+        ticks = sorted({p["distance"] for r in ecl.values() for p in r["extra"]["curve"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("context tokens before the 64-token target window (d)")
         ax.set_ylabel("loss on the target window (nats/token)")
-        ax.set_title("loss against context (held-out text)")
+        ax.set_title("loss against context on held-out text (bars: 95% over targets)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         written.append(save_figure(fig, out_dir / "ecl.png"))
     memory_metrics = ("work_memory_mib", "tokens_per_second")
     if any(r["metric"] in memory_metrics for r in records):
@@ -892,20 +919,27 @@ def plot_results(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     logs = {n: out_dir / "models" / n / "metrics.jsonl" for n in grouped}
     logs = {n: p for n, p in logs.items() if p.is_file()}
     if logs:
-        fig, ax = new_figure(figsize=(7, 4.5))
+        fig, ax = new_figure(figsize=(9, 4.5))
+        late = []  # losses after the first fifth of training set the y range
         for name, path in logs.items():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
             val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
-            (line,) = ax.plot(*zip(*train, strict=True), alpha=0.5, label=f"{name} train")
+            if not train:
+                continue
+            (line,) = ax.plot(*zip(*train, strict=True), alpha=0.6, label=f"{name} train")
             if val:
-                ax.plot(*zip(*val, strict=True), "o-", color=line.get_color(),
+                ax.plot(*zip(*val, strict=True), "o--", color=line.get_color(),
                         label=f"{name} val")  # fmt: skip
+            horizon = 0.2 * train[-1][0]
+            late += [loss for t, loss in train + val if t >= horizon]
+        if late:
+            ax.set_ylim(min(late) - 0.05, max(late) + 0.05)
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("loss (nats/token)")
-        ax.set_title("training")
+        ax.set_title("training loss (lines) and validation loss (points)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
         written.append(save_figure(fig, out_dir / "training.png"))
     return written
 
