@@ -134,11 +134,13 @@ def test_micro_comparison_writes_one_row_per_model_and_reuses_finished_models(
     ecl = {r["config"]["name"]: r["value"] for r in records if r["metric"] == "ecl"}
     assert ecl["no_memory"] == 0
 
-    table = (out / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    text = (out / "results.md").read_text()
+    table = text[text.index("| model | non-emb.") :].split("\n\n")[0]  # the results table
+    rows = [line for line in table.splitlines() if "---" not in line]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["folded", "no_memory", "peer_xl"]
     assert "skipped" in rows[-1]
     assert "passkey 128" in rows[0] and "ECL" in rows[0]
+    assert "| no_memory | folded | 32 |" in text  # the shapes table
     for png in ("ecl.png", "memory.png", "training.png"):
         assert (out / png).stat().st_size > 1000
     assert (out / "models" / "folded" / "final" / "config.json").is_file()
