@@ -339,3 +339,26 @@ def test_memory_carries_a_token_across_four_folds():
     no_memory = train_recall(memory_len=0)
     assert folded >= 0.6, f"folded model recalled {folded:.1%} (chance 12.5%)"
     assert no_memory <= 0.2, f"m = 0 model recalled {no_memory:.1%} (chance 12.5%)"
+
+
+def test_chunked_loss_matches_full_logits_loss_and_gradients():
+    model = make_model(vocab_size=50).train()
+    ids, labels = torch.randint(0, 50, (3, 22)), torch.randint(0, 50, (3, 22))
+    labels[0, :7] = -100
+    full = model(ids, labels=labels)
+    full.loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    hidden_calls = []
+    original = model.chunked_loss
+    model.chunked_loss = lambda h, y: (
+        hidden_calls.append(1),
+        original(h, y, max_elements=3 * 50 * 4),
+    )[1]
+    chunked = model(ids, labels=labels, return_logits=False, checkpoint=True)
+    assert chunked.logits is None and hidden_calls
+    # the loss is computed in float32 (logits.float()), summed in another order: fp32 tolerance
+    torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-6, atol=1e-6)
+    chunked.loss.backward()
+    for p, g in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)

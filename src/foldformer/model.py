@@ -341,6 +341,11 @@ class FoldedTransformer(nn.Module):
             values.append(v)
         return x, torch.stack(keys), torch.stack(values)
 
+    def compile_fold(self, **compile_options) -> None:
+        """torch.compile the whole-fold step (the hot path of training and prefill). One fold
+        has fixed shapes, so it compiles once; the loop over folds stays in Python."""
+        self._fold_step = torch.compile(self.complete_fold, **compile_options)
+
     def complete_fold(self, memory: Tensor, segment: Tensor) -> Tensor:
         """A whole fold in one fused causal pass: final states of the m + w positions."""
         x = torch.cat([self.fold_in(memory).to(segment.dtype), segment], dim=1)
@@ -370,6 +375,7 @@ class FoldedTransformer(nn.Module):
         bptt: int = 0,
         checkpoint: bool = False,
         logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> FoldedOutput:
         """Read a chunk of the stream.
 
@@ -382,6 +388,8 @@ class FoldedTransformer(nn.Module):
         bptt: detach the memory every `bptt` completed folds (0: backpropagate through all).
         checkpoint: recompute each complete fold in backward; only memories are kept.
         logits_to_keep: if > 0, compute logits for the last that many positions only.
+        return_logits: False (with labels) computes the loss chunk by chunk, recomputing each
+            chunk's logits in backward, so (B, T, V) logits never exist at once; .logits is None.
         """
         self._check_inputs(input_ids, memory, labels, reset_mask)
         B, T = input_ids.shape
@@ -399,12 +407,13 @@ class FoldedTransformer(nn.Module):
             n = min(w - p, T - t)
             segment = x[:, t : t + n]
             if p == 0 and n == w:  # the common case: a whole fold in one fused pass
+                fold_step = getattr(self, "_fold_step", self.complete_fold)
                 if checkpoint and torch.is_grad_enabled():
                     top = activation_checkpoint(
-                        self.complete_fold, state.memory, segment, use_reentrant=False
+                        fold_step, state.memory, segment, use_reentrant=False
                     )
                 else:
-                    top = self.complete_fold(state.memory, segment)
+                    top = fold_step(state.memory, segment)
                 tops.append(top[:, m:])
                 fold_top = top
             else:
@@ -424,13 +433,34 @@ class FoldedTransformer(nn.Module):
         hidden = torch.cat(tops, dim=1)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+            labels = None if labels is None else labels[:, -logits_to_keep:]
+        if not return_logits and labels is not None:
+            return FoldedOutput(logits=None, memory=state, loss=self.chunked_loss(hidden, labels))
         logits = self.head(self.norm_out(hidden))
-        loss = None
-        if labels is not None:
-            if logits_to_keep:
-                labels = labels[:, -logits_to_keep:]
-            loss = language_model_loss(logits, labels)
+        loss = None if labels is None else language_model_loss(logits, labels)
         return FoldedOutput(logits=logits, memory=state, loss=loss)
+
+    def chunked_loss(self, hidden: Tensor, labels: Tensor, max_elements: int = 2**27) -> Tensor:
+        """Mean cross-entropy of head(norm(hidden)) without holding all logits: each chunk of
+        positions is checkpointed, so only one chunk's logits live at a time."""
+
+        def chunk_loss_sum(h: Tensor, y: Tensor) -> Tensor:
+            logits = self.head(self.norm_out(h)).float()
+            return F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+                reduction="sum",
+            )  # fmt: skip
+
+        B, T, _ = hidden.shape
+        step = max(1, max_elements // (B * self.config.vocab_size))
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, T, step):
+            h, y = hidden[:, start : start + step], labels[:, start : start + step]
+            if torch.is_grad_enabled():
+                total = total + activation_checkpoint(chunk_loss_sum, h, y, use_reentrant=False)
+            else:
+                total = total + chunk_loss_sum(h, y)
+        return total / (labels != -100).sum().clamp(min=1)
 
     @torch.no_grad()
     def step(self, token_ids: Tensor, memory: FoldState | None = None) -> FoldedOutput:

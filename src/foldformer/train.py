@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -122,6 +123,8 @@ class RunConfig:
         )
 
 
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, minutes: byte-level, w = m = 8, gated memory (the demo's model).
     "tiny": {
@@ -134,8 +137,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": {
         "model": dict(model_type="folded", d_model=384, n_layers=6, n_heads=6,
                       segment_len=12, memory_len=12),
-        "train": dict(batch_size=256, seq_len=384, lr=1.5e-3, warmup_steps=200, max_steps=5000,
-                      checkpoint_folds=True, eval_every=500, save_every=1000),
+        "train": dict(batch_size=256, seq_len=768, lr=1.5e-3, warmup_steps=200, max_steps=5000,
+                      checkpoint_folds=True, compile=True, eval_every=500, save_every=1000),
+        "data": dict(tokenizer=str(PRESET_DIR / "seed_bpe8192.json")),
     },
     # GPU throughput: GPT-2-small shape, w = m = 512.
     "base": {
@@ -383,8 +387,13 @@ def train(
     run: RunConfig,
     out_dir: str | Path,
     resume: str | Path | None = None,
+    batch_source: Any | None = None,
 ) -> dict[str, Any]:
-    """Train a model as `run` says; returns a summary (final losses, tokens, time)."""
+    """Train a model as `run` says; returns a summary (final losses, tokens, time).
+
+    batch_source: a ready source (`next_batch`, `state_dict`, `load_state_dict`) to use instead
+    of building one from `run.data.train`, e.g. a task of your own (see foldformer.demo).
+    """
     from foldformer.data.sources import make_batch_source
     from foldformer.data.synthetic import answer_accuracy
     from foldformer.data.tokenizers import load_tokenizer
@@ -422,9 +431,12 @@ def train(
         segment_len=segment_len if stateful else cfg.seq_len, rank=rank, world_size=world_size, seed=cfg.seed,
         cache_dir=run.data.cache_dir or None,
     )  # fmt: skip
-    if not run.data.train:
+    if batch_source is not None:
+        train_source = batch_source
+    elif not run.data.train:
         raise ConfigError("no training data: give --data SPEC (docs/data.md lists the specs)")
-    train_source = make_batch_source(run.data.train, **source_args)
+    else:
+        train_source = make_batch_source(run.data.train, **source_args)
     # Synthetic and BABILong tasks climb a curriculum driven by answer accuracy.
     curriculum = getattr(train_source, "curriculum", None)
     val_specs = run.data.val
@@ -466,7 +478,18 @@ def train(
                 find_unused_parameters=True,
             )
     if cfg.compile:
-        model = torch.compile(model)
+        if hasattr(unwrap(model), "compile_fold"):
+            unwrap(model).compile_fold()  # the fold step; the loop over folds stays eager
+        else:
+            model = torch.compile(model)
+    # Without a curriculum nothing reads the logits: the folded model then computes the loss
+    # chunk by chunk and never holds (B, T, V) logits.
+    forward_args = {}
+    if (
+        curriculum is None
+        and "return_logits" in inspect.signature(unwrap(model).forward).parameters
+    ):
+        forward_args["return_logits"] = False
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_main:
@@ -510,6 +533,7 @@ def train(
                             ),
                             bptt=cfg.bptt,
                             checkpoint=cfg.checkpoint_folds,
+                            **forward_args,
                         )
                     (out.loss / cfg.grad_accum).backward()
                 total_loss += out.loss.detach() / cfg.grad_accum

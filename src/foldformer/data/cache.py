@@ -16,6 +16,7 @@ a temporary folder and renamed into place, so an interrupted build never leaves 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -169,19 +170,31 @@ def tokenize_corpus(
             disable=not progress,
             dynamic_ncols=True,
         )
+        encode_batch = getattr(tokenizer, "encode_batch", None)
+
+        def encode_group(texts: list[str]) -> list[np.ndarray]:
+            if encode_array is not None:
+                return [encode_array(text).astype(dtype) for text in texts]
+            if encode_batch is not None:  # HF tokenizers encode a batch on all cores
+                return [np.asarray(ids, dtype=dtype) for ids in encode_batch(texts)]
+            return [np.asarray(tokenizer.encode(text), dtype=dtype) for text in texts]
+
         with open(tmp / "tokens.bin", "wb") as out:
-            for document in iter_documents(specs, **document_options):
-                if encode_array is not None:
-                    ids = encode_array(document.text).astype(dtype)
-                else:
-                    ids = np.asarray(tokenizer.encode(document.text), dtype=dtype)
-                names.append(document.name)
-                starts.append(offset)
-                ids.tofile(out)
-                eod.tofile(out)
-                offset += len(ids) + 1
-                bar.update(1)
-                bar.set_postfix(tokens=offset, refresh=False)
+            group: list = []
+            documents = iter_documents(specs, **document_options)
+            for document in itertools.chain(documents, [None]):  # None flushes the last group
+                if document is not None:
+                    group.append(document)
+                if group and (document is None or len(group) == 32):
+                    for doc, ids in zip(group, encode_group([d.text for d in group]), strict=True):
+                        names.append(doc.name)
+                        starts.append(offset)
+                        ids.tofile(out)
+                        eod.tofile(out)
+                        offset += len(ids) + 1
+                        bar.update(1)
+                    bar.set_postfix(tokens=offset, refresh=False)
+                    group = []
         bar.close()
         np.save(tmp / "doc_starts.npy", np.asarray(starts, dtype=np.int64))
         meta = {
