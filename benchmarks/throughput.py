@@ -30,16 +30,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def sync() -> None:
     if DEVICE == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def peak_gb() -> float:
-    return peak_gb() if DEVICE == "cuda" else float("nan")
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
 
 
 def reset_peak() -> None:
     if DEVICE == "cuda":
-        reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def matmul_rate(n: int = 8192, repeats: int = 10) -> float:

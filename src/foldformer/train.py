@@ -245,8 +245,8 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name == "cuda" and world_size > 1:
-        device_name = f"cuda:{local_rank}"
+    if device_name == "cuda":  # an explicit index: several torch.cuda calls require one
+        device_name = f"cuda:{local_rank if world_size > 1 else torch.cuda.current_device()}"
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
