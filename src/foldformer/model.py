@@ -344,6 +344,9 @@ class FoldedTransformer(nn.Module):
     def compile_fold(self, **compile_options) -> None:
         """torch.compile the whole-fold step (the hot path of training and prefill). One fold
         has fixed shapes, so it compiles once; the loop over folds stays in Python."""
+        # The first fold of a call sees a memory that requires grad (M0, a previous fold) or
+        # not (carried and detached): a few graph variants, more than dynamo's default budget.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._fold_step = torch.compile(self.complete_fold, **compile_options)
 
     def complete_fold(self, memory: Tensor, segment: Tensor) -> Tensor:
