@@ -193,6 +193,7 @@ def test_config_is_checked_and_overridable(workspace):
     )
     assert config.data.train == [".carry/pg.tar.xz?split=train"]
     assert config.eval.passkey_lengths == [1024, 4096]
+    assert load_compare_config(path, {"eval.memory_lengths": "256"}).eval.memory_lengths == [256]
     with pytest.raises(ConfigError, match="unknown model"):
         load_compare_config(path, {"compare.models": "folded,gpt5"})
     with pytest.raises(ConfigError, match="same token budget"):

@@ -139,6 +139,8 @@ class EvalSettings(JsonConfig):
     def __post_init__(self) -> None:
         from foldformer.evaluate.common import DTYPES, parse_list, parse_size
 
+        if isinstance(self.run, str):
+            self.run = self.run.split(",")
         unknown = [e for e in self.run if e not in EVALUATIONS]
         if unknown:
             raise ConfigError(f"unknown evaluation(s) {unknown} in [eval] run; known: "
@@ -147,10 +149,10 @@ class EvalSettings(JsonConfig):
             raise ConfigError(f"[eval] dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
         # sizes may be written "4K"; lists may be written "1K,4K"
         self.ecl_max_distance = parse_size(self.ecl_max_distance)
-        self.passkey_lengths = parse_list(self.passkey_lengths)
-        self.passkey_depths = parse_list(self.passkey_depths, float)
-        self.memory_lengths = parse_list(self.memory_lengths)
-        self.memory_modes = parse_list(self.memory_modes, str)
+        self.passkey_lengths = parse_list(_listed(self.passkey_lengths))
+        self.passkey_depths = parse_list(_listed(self.passkey_depths), float)
+        self.memory_lengths = parse_list(_listed(self.memory_lengths))
+        self.memory_modes = parse_list(_listed(self.memory_modes), str)
         bad_modes = [m for m in self.memory_modes if m not in ("inference", "training")]
         if bad_modes:
             raise ConfigError(f"[eval] memory_modes {bad_modes}: use inference and/or training")
@@ -159,6 +161,11 @@ class EvalSettings(JsonConfig):
                 raise ConfigError(f"[eval] {name} must be >= 1, got {getattr(self, name)!r}")
         if not all(0 <= d <= 1 for d in self.passkey_depths):
             raise ConfigError(f"[eval] passkey_depths must lie in [0, 1]: {self.passkey_depths}")
+
+
+def _listed(value: Any) -> Any:
+    """One value given where a list is expected (`--set eval.passkey_lengths=1K`) -> [value]."""
+    return [value] if isinstance(value, (int, float)) else value
 
 
 SECTIONS = ("model", "compare", "overrides", "train", "data", "eval")
