@@ -961,7 +961,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "compare",
         help="train and evaluate baselines side by side at matched size",
         description="Train every model listed in CONFIG on the same data and token budget at "
-        "matched non-embedding parameters (±10%%), run ECL, passkey, bits per byte and "
+        "matched non-embedding parameters (±10%), run ECL, passkey, bits per byte and "
         "memory/speed on each, and write results.json, results.md and plots.",
     )
     parser.add_argument(
