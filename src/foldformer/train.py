@@ -671,7 +671,14 @@ def out_of_time(started: float, max_minutes: float, world_size: int, device) -> 
 
 @torch.no_grad()
 def validate(
-    model, val_specs, source_args, cfg: TrainConfig, device, world_size, stateful: bool
+    model,
+    val_specs,
+    source_args,
+    cfg: TrainConfig,
+    device,
+    world_size,
+    stateful: bool,
+    forward_args: dict[str, Any],
 ) -> float:
     """Mean loss over the first eval_batches batches of the validation streams (memory carried)."""
     from foldformer.data.sources import make_batch_source
@@ -687,6 +694,7 @@ def validate(
                 memory=memory,
                 labels=batch.labels.to(device),
                 reset_mask=batch.reset_mask.to(device) if stateful else None,
+                **forward_args,  # the chunked loss: (B, T, V) logits at once do not fit a GPU
             )
         memory = out.memory if stateful else None
         total += out.loss.float()
