@@ -440,6 +440,8 @@ def train(
     # Synthetic and BABILong tasks climb a curriculum driven by answer accuracy.
     curriculum = getattr(train_source, "curriculum", None)
     val_specs = run.data.val
+    if not val_specs and cfg.eval_every and rank == 0 and batch_source is None:
+        print("no validation data (--val-data SPEC): periodic validation is skipped")
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 
