@@ -107,6 +107,16 @@ def test_two_gloo_processes_follow_the_single_process_curve(tmp_path):
     assert single[-1] < single[0]
 
 
+def test_validation_runs_on_held_out_data(tmp_path):
+    run = small_run([str(BOOKS / "pg35.txt")], cache_dir=str(tmp_path / "c"), max_steps=4,
+                    eval_every=2, eval_batches=2)  # fmt: skip
+    run.data.val = [str(BOOKS / "pg2500.txt")]
+    summary = train(run, tmp_path / "run")
+    val = [r["val_loss"] for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    assert len(val) == 2 and all(0 < v < 10 for v in val), val
+    assert summary["final_val_loss"] == val[-1]
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = load_run_config().train.replace(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1)

@@ -601,7 +601,7 @@ def train(
                 and (step % cfg.eval_every == 0 or step == cfg.max_steps)
             ):
                 val_loss = validate(
-                    model, val_specs, source_args, cfg, device, world_size, stateful
+                    model, val_specs, source_args, cfg, device, world_size, stateful, forward_args
                 )
                 logger.log({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step})
             if cfg.max_minutes and out_of_time(started, cfg.max_minutes, world_size, device):
