@@ -324,22 +324,8 @@ class FoldedTransformer(nn.Module):
     def run_blocks(
         self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Run the stack over x (B, N, d) at fold positions P … P+N−1 (P = cached length).
-
-        Returns final-layer states (B, N, d) and the stacked keys/values (L, B, heads, P+N, hd).
-        """
-        P = 0 if cache is None else cache[0].shape[3]
-        cos, sin = rotary_tables(
-            P + x.shape[1], self.config.head_dim, self.config.rope_base, x.device, x.dtype
-        )
-        cos, sin = cos[P:], sin[P:]
-        keys, values = [], []
-        for layer, block in enumerate(self.blocks):
-            past = None if cache is None else (cache[0][layer], cache[1][layer])
-            x, k, v = block(x, cos, sin, past)
-            keys.append(k)
-            values.append(v)
-        return x, torch.stack(keys), torch.stack(values)
+        """Run the stack over x (B, N, d) at fold positions P … P+N−1 (P = cached length)."""
+        return run_stack(self.blocks, self.config, x, cache)
 
     def compile_fold(self, **compile_options) -> None:
         """torch.compile the whole-fold step (the hot path of training and prefill). One fold
@@ -537,33 +523,62 @@ class FoldedTransformer(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json and model.safetensors into directory."""
-        from safetensors.torch import save_model
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(
-            json.dumps({"model_type": "folded", **self.config.to_dict()}, indent=2) + "\n"
-        )
-        save_model(self, str(directory / "model.safetensors"))
+        save_pretrained(self, "folded", self.config, directory)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, device: str | torch.device = "cpu"
     ) -> FoldedTransformer:
         """Load a model written by save_pretrained (safetensors only, nothing unpickled)."""
-        from safetensors.torch import load_model
+        return from_pretrained(cls, "folded", FoldedConfig, directory, device)
 
-        directory = Path(directory)
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"no config.json in {directory}")
-        values = json.loads(config_path.read_text())
-        model_type = values.pop("model_type", "folded")
-        if model_type != "folded":
-            raise ValueError(f"{directory} holds a {model_type!r} model, not a folded one")
-        model = cls(FoldedConfig.from_dict(values))
-        load_model(model, str(directory / "model.safetensors"), device=str(device))
-        return model.to(device)
+
+def run_stack(
+    blocks: nn.ModuleList, config, x: Tensor, cache: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run blocks over x (B, N, d) at positions P … P+N−1 (P = cached length).
+
+    Returns final-layer states (B, N, d) and the stacked keys/values (L, B, heads, P+N, hd).
+    """
+    P = 0 if cache is None else cache[0].shape[3]
+    cos, sin = rotary_tables(P + x.shape[1], config.head_dim, config.rope_base, x.device, x.dtype)
+    cos, sin = cos[P:], sin[P:]
+    keys, values = [], []
+    for layer, block in enumerate(blocks):
+        past = None if cache is None else (cache[0][layer], cache[1][layer])
+        x, k, v = block(x, cos, sin, past)
+        keys.append(k)
+        values.append(v)
+    return x, torch.stack(keys), torch.stack(values)
+
+
+def save_pretrained(model: nn.Module, model_type: str, config, directory: str | Path) -> None:
+    """config.json (with model_type) and model.safetensors: the format of every model here."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(
+        json.dumps({"model_type": model_type, **config.to_dict()}, indent=2) + "\n"
+    )
+    save_model(model, str(directory / "model.safetensors"))
+
+
+def from_pretrained(model_class, model_type: str, config_class, directory, device="cpu"):
+    """Load what save_pretrained wrote (safetensors only, nothing unpickled)."""
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    values = json.loads(config_path.read_text())
+    found = values.pop("model_type", "folded")
+    if found != model_type:
+        raise ValueError(f"{directory} holds a {found!r} model, not a {model_type!r} one")
+    model = model_class(config_class.from_dict(values))
+    load_model(model, str(directory / "model.safetensors"), device=str(device))
+    return model.to(device)
 
 
 def language_model_loss(logits: Tensor, labels: Tensor) -> Tensor:

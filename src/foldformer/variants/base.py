@@ -7,7 +7,6 @@ The baselines are built from the blocks of `foldformer.model` (``Block``, ``make
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from foldformer.config import FoldedConfig, JsonConfig
-from foldformer.model import Block, FoldedOutput, apply_rotary, language_model_loss, make_norm
+from foldformer.model import (
+    Block,
+    FoldedOutput,
+    apply_rotary,
+    from_pretrained,
+    language_model_loss,
+    make_norm,
+    save_pretrained,
+)
 
 # Fields with the same name and meaning as in FoldedConfig (validated by FoldedConfig itself).
 SHARED_FIELDS = (
@@ -287,30 +294,3 @@ class VariantModel(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
         """Load a model written by save_pretrained (safetensors only, nothing unpickled)."""
         return from_pretrained(cls, cls.model_type, cls.config_class, directory, device)
-
-
-def save_pretrained(model: nn.Module, model_type: str, config: JsonConfig, directory) -> None:
-    from safetensors.torch import save_model
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(
-        json.dumps({"model_type": model_type, **config.to_dict()}, indent=2) + "\n"
-    )
-    save_model(model, str(directory / "model.safetensors"))
-
-
-def from_pretrained(model_class, model_type: str, config_class, directory, device="cpu"):
-    from safetensors.torch import load_model
-
-    directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}")
-    values = json.loads(config_path.read_text())
-    found = values.pop("model_type", "folded")
-    if found != model_type:
-        raise ValueError(f"{directory} holds a {found!r} model, not a {model_type!r} one")
-    model = model_class(config_class.from_dict(values))
-    load_model(model, str(directory / "model.safetensors"), device=str(device))
-    return model.to(device)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from foldformer.model import FoldedOutput, rotary_tables
+from foldformer.model import FoldedOutput, run_stack
 from foldformer.variants.base import (
     VariantConfig,
     VariantModel,
@@ -84,18 +84,7 @@ class RecurrentMemoryTransformer(VariantModel):
         self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Run the stack over x (B, N, d) at positions P … P+N−1 (P = cached length)."""
-        P = 0 if cache is None else cache[0].shape[3]
-        cos, sin = rotary_tables(
-            P + x.shape[1], self.config.head_dim, self.config.rope_base, x.device, x.dtype
-        )
-        cos, sin = cos[P:], sin[P:]
-        keys, values = [], []
-        for layer, block in enumerate(self.blocks):
-            past = None if cache is None else (cache[0][layer], cache[1][layer])
-            x, k, v = block(x, cos, sin, past)
-            keys.append(k)
-            values.append(v)
-        return x, torch.stack(keys), torch.stack(values)
+        return run_stack(self.blocks, self.config, x, cache)
 
     def complete_segment(self, memory: Tensor, segment: Tensor) -> tuple[Tensor, Tensor]:
         """[read M, segment, write M] in one causal pass: the segment's final states and the
