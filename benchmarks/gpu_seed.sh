@@ -5,8 +5,9 @@
 #   bash benchmarks/gpu_seed.sh RESULTS_DIR NAME MINUTES [--key value ...]
 #
 # NAME names the run; extra options override the `seed` preset (e.g. --memory_len 0 for the
-# no-memory baseline, --segment_len 768 --memory_len 0 for full attention over a step).
-# PG points at pg.tar.xz (default .carry/pg.tar.xz, where the device copy lives).
+# no-memory baseline, --segment_len 1536 --memory_len 0 for full attention over a step).
+# PG points at pg.tar.xz (default .carry/pg.tar.xz, where the device copy lives); ECL_MAX is
+# the largest ECL distance (default 3072 tokens: grid 0, 12, 24, ..., ECL_MAX).
 set -uo pipefail
 results=$1 name=$2 minutes=$3
 shift 3
@@ -15,10 +16,9 @@ pg=${PG:-.carry/pg.tar.xz}
 mkdir -p "$results/$name" /tmp/runs
 python3 -m foldformer.cli train --preset seed --data "$pg?split=train" \
   --val-data "$pg?split=validation" --out "/tmp/runs/$name" --max-minutes "$minutes" \
-  --memory_fraction 0.17 --progress false --log_every 20 --eval_every 250 --eval_batches 8 \
+  --memory_fraction 0.17 --progress false --log_every 10 --eval_every 250 --eval_batches 4 \
   --save_every 0 --cache_dir /tmp/token_cache "$@" 2>&1 | tee "$results/$name/train.log"
 cp "/tmp/runs/$name/metrics.jsonl" "/tmp/runs/$name/summary.json" \
   "/tmp/runs/$name/run_config.json" "$results/$name/" 2>/dev/null
 python3 -m foldformer.cli eval ecl "/tmp/runs/$name/final" --data "$pg?split=validation" \
-  --targets 512 --max-distance 3072 --batch-size 128 --out "$results/$name" \
-  2>&1 | tee "$results/$name/ecl.log"
+  --targets 512 --max-distance "${ECL_MAX:-3072}" --batch-size 256 --out "$results/$name" 2>&1 | tee "$results/$name/ecl.log"

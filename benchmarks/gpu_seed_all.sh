@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# The seed set-up and its two reference points, trained side by side on one H200 (three
-# processes, each held to 24 GB), then ECL on the validation authors for each:
+# The seed set-up (the note's, DESIGN.md §6) and its two reference points, each held to 24 GB,
+# then ECL on the validation authors for each:
 #   folded      w = m = 12, 128 folds (1,536 tokens) of backpropagation per step
-#   no-memory   w = 12, m = 0
-#   full        full attention over each 1,536-token step (w = 1536, m = 0)
-# Same shape (10.6M non-embedding parameters), data, tokenizer, steps and tokens.
+#   no_memory   w = 12, m = 0
+#   full        full attention over each 1,536-token row (w = 1536, m = 0)
+# Same shape (10.6M non-embedding parameters), byte-level tokens, data, steps, batch and tokens.
 #
 #   bash benchmarks/gpu_seed_all.sh RESULTS_DIR [STEPS] [MINUTES]
 #
-# Learning rate 1e-3 with a 40-step warm-up: at 1.5e-3 after 20 steps the folded model's
-# loss blew up early (10.9 nats at step 20, worse than uniform) and never caught up.
+# With two or more GPUs the folded run has GPU 0 to itself and the two baselines share GPU 1
+# (they cost less per token); with one GPU all three share it. MINUTES is a guard: a run that
+# reaches it stops early (the step count in its summary then shows it) and is still evaluated.
+# Learning rate 1e-3 with a 30-step warm-up (1.5e-3 made a BPE folded run blow up early).
 set -uo pipefail
-results=$1 steps=${2:-110} minutes=${3:-6}
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+results=$1 steps=${2:-200} minutes=${3:-6.5}
+export PYTHONPATH=src PYTHONUNBUFFERED=1 ECL_MAX=${ECL_MAX:-6144}
 pg=${PG:-.carry/pg.tar.xz}
 mkdir -p "$results"
-# Tokenize once (the three runs share the cache).
+# Read the corpus once (the three runs share the token cache).
 python3 - "$pg" <<'PY'
 import sys
 from foldformer.data.cache import tokenize_corpus
@@ -26,13 +28,19 @@ for split in ("train", "validation"):
     c = tokenize_corpus([f"{sys.argv[1]}?split={split}"], tok, "/tmp/token_cache", progress=False)
     print(split, len(c), "tokens", flush=True)
 PY
-common=(--batch_size 512 --seq_len 1536 --max_steps "$steps" --warmup_steps 40 --lr 1e-3
-        --eval_every $((steps / 2)) --eval_batches 4)
-bash benchmarks/gpu_seed.sh "$results" folded "$minutes" "${common[@]}" > "$results/folded.out" 2>&1 &
-bash benchmarks/gpu_seed.sh "$results" no_memory "$minutes" "${common[@]}" --memory_len 0 \
-  > "$results/no_memory.out" 2>&1 &
-# one 1,536-token fold per step: no per-fold checkpointing to save memory, so 4 micro-batches
-bash benchmarks/gpu_seed.sh "$results" full_attention "$minutes" "${common[@]}" --segment_len 1536 \
-  --memory_len 0 --grad_accum 4 > "$results/full_attention.out" 2>&1 &
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+baseline_gpu=$(( gpus >= 2 ? 1 : 0 ))
+common=(--batch_size 512 --seq_len 1536 --max_steps "$steps" --warmup_steps 30 --lr 1e-3
+        --eval_every $((steps / 4)))
+CUDA_VISIBLE_DEVICES=0 bash benchmarks/gpu_seed.sh "$results" folded "$minutes" "${common[@]}" \
+  > "$results/folded.out" 2>&1 &
+CUDA_VISIBLE_DEVICES=$baseline_gpu bash benchmarks/gpu_seed.sh "$results" no_memory "$minutes" \
+  "${common[@]}" --memory_len 0 > "$results/no_memory.out" 2>&1 &
+# one 1,536-token fold per row: per-fold checkpointing saves nothing, so 4 micro-batches
+CUDA_VISIBLE_DEVICES=$baseline_gpu bash benchmarks/gpu_seed.sh "$results" full_attention \
+  "$minutes" "${common[@]}" --segment_len 1536 --memory_len 0 --grad_accum 4 \
+  > "$results/full_attention.out" 2>&1 &
 wait
-tail -n 14 "$results"/*/ecl.log
+for name in folded no_memory full_attention; do
+  echo "== $name"; tail -n 3 "$results/$name/train.log"; tail -n 4 "$results/$name/ecl.log"
+done

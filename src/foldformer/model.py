@@ -386,11 +386,12 @@ class FoldedTransformer(nn.Module):
         state = memory if memory is not None else self.initial_state(B)
         if reset_mask is not None and reset_mask.dim() == 1:
             reset_mask = F.pad(reset_mask[:, None], (0, T - 1))
+        resets_at = reset_columns(reset_mask)
         x = self.drop(self.embed(input_ids))
 
         tops, t, folds_done = [], 0, 0
         while t < T:
-            if reset_mask is not None and bool(reset_mask[:, t].any()):
+            if t in resets_at:
                 state = self._reset_rows(state, reset_mask[:, t])
             p = state.tokens_in_fold()
             n = min(w - p, T - t)
@@ -579,6 +580,14 @@ def from_pretrained(model_class, model_type: str, config_class, directory, devic
     model = model_class(config_class.from_dict(values))
     load_model(model, str(directory / "model.safetensors"), device=str(device))
     return model.to(device)
+
+
+def reset_columns(reset_mask: Tensor | None) -> set[int]:
+    """Positions t where some row of a (B, T) reset mask restarts. Read once per call: asking
+    `reset_mask[:, t].any()` fold by fold would make the GPU wait for the host every fold."""
+    if reset_mask is None:
+        return set()
+    return set(reset_mask.any(dim=0).nonzero()[:, 0].tolist())
 
 
 def language_model_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from foldformer.config import ConfigError, FoldedConfig, JsonConfig
-from foldformer.model import FoldedOutput, language_model_loss
+from foldformer.model import FoldedOutput, language_model_loss, reset_columns
 from foldformer.variants.base import (
     check_token_inputs,
     expand_reset_mask,
@@ -240,11 +240,12 @@ class PeerModel(nn.Module):
         w = self.config.segment_len
         state = memory if memory is not None else PeerState()
         resets = expand_reset_mask(reset_mask, T)
+        resets_at = reset_columns(resets)
 
         logits, t, done = [], 0, 0
         while t < T:
             p = state.tokens_in_segment()
-            if resets is not None and bool(resets[:, t].any()):
+            if t in resets_at:
                 state = self._reset_rows(state, resets[:, t], w)
             n = min(w - p, T - t)
             tokens = input_ids[:, t : t + n]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from foldformer.model import FoldedOutput, run_stack
+from foldformer.model import FoldedOutput, reset_columns, run_stack
 from foldformer.variants.base import (
     VariantConfig,
     VariantModel,
@@ -116,12 +116,13 @@ class RecurrentMemoryTransformer(VariantModel):
         w, n = self.config.segment_len, self.config.memory_len
         state = memory if memory is not None else self.initial_state(B)
         resets = expand_reset_mask(reset_mask, T)
+        resets_at = reset_columns(resets)
         x = self.drop(self.embed(input_ids))
 
         outputs, t, segments_done = [], 0, 0
         while t < T:
             p = state.tokens_in_segment()
-            if resets is not None and bool(resets[:, t].any()):
+            if t in resets_at:
                 if p != 0:
                     raise ValueError(
                         "reset_mask resets rows only on a segment boundary, but the state holds "
