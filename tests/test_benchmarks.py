@@ -1,0 +1,159 @@
+"""The benchmark scripts run end to end on a CPU and report what they measured.
+
+benchmarks/throughput.py runs in-process (--quick: tiny shapes, no compile on a CPU);
+benchmarks/scaling.sh --quick trains with two gloo processes under torchrun.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return load("throughput")
+
+
+def assert_measured(row: dict) -> None:
+    assert "error" not in row and "skipped" not in row, row
+    assert row["tokens_per_s"] > 0, row
+    assert math.isfinite(row["mfu"]) and row["mfu"] > 0, row
+
+
+def test_quick_run_measures_every_kind_and_profiles(throughput, tmp_path):
+    out, profile_dir = tmp_path / "throughput.json", tmp_path / "profile"
+    assert throughput.main(["--quick", "--out", str(out), "--profile", str(profile_dir)]) == 0
+    results = json.loads(out.read_text())  # strict JSON: no NaN on a CPU
+    assert results["bf16_matmul_flops"] > 0 and "6·N·(m+w)/w" in results["mfu_convention"]
+
+    training, streaming = results["training"], results["streaming"]
+    for row in training + streaming:
+        assert_measured(row)
+        assert row["compile_mode"] in ("none", "default", "reduce-overhead")
+    # seed is byte-level, base keeps its 8192 tokens; both checkpointing settings are measured
+    assert {(r["preset"], r["vocab_size"]) for r in training} == {("seed", 257), ("base", 8192)}
+    assert {r["checkpoint"] for r in training if r["preset"] == "base"} == {True, False}
+    assert all(r["step_seconds"] > 0 and r["steps"] >= 1 for r in training)
+    assert {r["preset"] for r in streaming} == {"seed", "base"}
+    for row in streaming:
+        assert row["chunks"] * row["chunk"] == row["stream_tokens_per_row"]
+
+    for name in ("seed", "base"):
+        summary = results["profile"][name]
+        assert "error" not in summary, summary
+        assert summary["step_seconds_unprofiled"] > 0 and summary["tokens_per_s_unprofiled"] > 0
+        text = (profile_dir / f"profile_{name}.txt").read_text()
+        assert "key_averages sorted by" in text and "aten::" in text
+    assert not list(profile_dir.glob("trace_*"))  # traces only with --trace
+
+
+def test_only_runs_the_chosen_parts(throughput, tmp_path):
+    out = tmp_path / "stream.json"
+    assert throughput.main(["--quick", "--only", "stream", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["training"] == [] and results["profile"] == {}
+    assert results["streaming"] and all(r["tokens_per_s"] > 0 for r in results["streaming"])
+    with pytest.raises(SystemExit, match="unknown part"):
+        throughput.main(["--quick", "--only", "stream,trian", "--out", str(out)])
+
+
+def test_a_spent_budget_skips_rows_and_a_slow_row_is_cut(throughput, tmp_path):
+    out = tmp_path / "skipped.json"
+    assert throughput.main(["--quick", "--only", "base_train", "--budget", "1e-9",
+                            "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["training"]
+    assert rows and all("skipped" in r and r["batch"] == 2 for r in rows)
+
+    def slow(batch, rate):
+        time.sleep(5)
+        return {}
+
+    setting = throughput.Setting("stream", "streaming", "base", slow, {"batch": 3})
+    start = time.perf_counter()
+    row = throughput.run_setting(setting, rate=1.0, deadline=math.inf, row_timeout=0.2)
+    assert time.perf_counter() - start < 3
+    assert row["error"].startswith("RowTimeout") and row["batch"] == 3
+
+
+def test_kernel_summary_splits_kernel_time_and_counts_overlap_once(throughput):
+    events = [  # (name, start_us, end_us) over 2 steps
+        ("sm90_xmma_gemm_bf16bf16_bf16f32", 0, 40),
+        ("nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_TNT", 100, 140),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", 40, 60),
+        ("triton_per_fused_add_mul_rsqrt_0", 50, 70),  # overlaps the attention kernel
+        ("Memcpy DtoD (Device -> Device)", 200, 210),
+    ]
+    summary = throughput.kernel_summary(events, wall_seconds=400e-6, steps=2)
+    assert summary["kernels_per_step"] == 2.5
+    assert summary["kernel_seconds_per_step"] == pytest.approx(130e-6 / 2)
+    assert summary["gpu_busy_seconds_per_step"] == pytest.approx(120e-6 / 2)  # 50..60 once
+    assert summary["gpu_busy_fraction"] == pytest.approx(120 / 400)
+    fractions = summary["kernel_fraction_by_kind"]
+    assert fractions == pytest.approx(
+        {"matmul": 80 / 130, "attention": 20 / 130, "triton": 20 / 130, "other": 10 / 130}
+    )
+    assert throughput.kernel_kind("triton_tem_fused_mm_0") == "matmul"
+    assert throughput.kernel_kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
+
+
+def test_scaling_throughput_skips_the_compile_interval(tmp_path):
+    scaling = load("scaling")
+    metrics = tmp_path / "metrics.jsonl"
+    records = [  # 100 tokens a step; the first interval (compile) is slow
+        {"step": 5, "tokens": 500, "tokens_per_s": 10.0, "loss": 5.0},
+        {"step": 10, "tokens": 1000, "tokens_per_s": 100.0, "loss": 4.0},
+        {"step": 15, "tokens": 1500, "tokens_per_s": 50.0, "loss": 3.5},
+    ]
+    metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    measured = scaling.run_throughput(metrics)
+    assert measured["tokens_per_s"] == pytest.approx(1000 / (5 + 10))  # tokens over time
+    assert measured["intervals_used"] == 2 and measured["steps_measured"] == 10
+    rows = [{"gpus": 1, "tokens_per_s": 100.0}, {"gpus": 2, "tokens_per_s": 180.0},
+            {"gpus": 2, "fsdp": True, "error": "exit status 1"}]  # fmt: skip
+    scaling.efficiencies(rows)
+    assert rows[1]["tokens_per_s_per_gpu"] == 90.0 and rows[1]["scaling_efficiency"] == 0.9
+    assert "scaling_efficiency" not in rows[2]
+    metrics.write_text(json.dumps(records[0]) + "\n")
+    with pytest.raises(ValueError, match="1 logged interval"):
+        scaling.run_throughput(metrics)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_scaling_script_runs_two_gloo_processes(tmp_path):
+    out = tmp_path / "scaling.json"
+    env = {**os.environ, "SCALING_FSDP": "0", "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "scaling.sh"), str(out), "--quick"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    runs = results["runs"]
+    assert [r["gpus"] for r in runs] == [1, 2], runs
+    for run in runs:
+        assert "error" not in run, run
+        assert run["tokens_per_s"] > 0 and run["intervals_used"] == 2
+        assert run["per_gpu_batch"] == 4 and "--nproc_per_node" in run["command"]
+    assert runs[0]["scaling_efficiency"] == 1.0
+    assert runs[1]["tokens_per_s_per_gpu"] == pytest.approx(runs[1]["tokens_per_s"] / 2)
+    assert 0 < runs[1]["scaling_efficiency"] < 2
