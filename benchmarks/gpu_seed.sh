@@ -5,9 +5,10 @@
 #   bash benchmarks/gpu_seed.sh RESULTS_DIR NAME MINUTES [--key value ...]
 #
 # NAME names the run; extra options override the `seed` preset (e.g. --memory_len 0 for the
-# no-memory baseline, --segment_len 1536 --memory_len 0 for full attention over a step).
+# no-memory baseline, --segment_len 1000000000 --memory_len 0 for full attention).
 # PG points at pg.tar.xz (default .carry/pg.tar.xz, where the device copy lives); ECL_MAX is
-# the largest ECL distance (default 3072 tokens: grid 0, 12, 24, ..., ECL_MAX).
+# the largest ECL distance (default 3072 tokens) and ECL_UNIT its grid unit (default 12, the
+# seed preset's w, for every model alike: grid 0, 12, 24, 48, ..., ECL_MAX).
 set -uo pipefail
 results=$1 name=$2 minutes=$3
 shift 3
@@ -21,4 +22,4 @@ python3 -m foldformer.cli train --preset seed --data "$pg?split=train" \
 cp "/tmp/runs/$name/metrics.jsonl" "/tmp/runs/$name/summary.json" \
   "/tmp/runs/$name/run_config.json" "$results/$name/" 2>/dev/null
 python3 -m foldformer.cli eval ecl "/tmp/runs/$name/final" --data "$pg?split=validation" \
-  --targets 512 --max-distance "${ECL_MAX:-3072}" --batch-size 256 --out "$results/$name" 2>&1 | tee "$results/$name/ecl.log"
+  --targets 512 --max-distance "${ECL_MAX:-3072}" --unit "${ECL_UNIT:-12}" --batch-size 256 --out "$results/$name" 2>&1 | tee "$results/$name/ecl.log"

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import foldformer.compare
 import foldformer.train
 from foldformer.cli import main
 from foldformer.compare import (
@@ -160,6 +161,25 @@ def test_micro_comparison_writes_one_row_per_model_and_reuses_finished_models(
     with pytest.raises(CompareError, match="lr"):
         main(["compare", str(workspace / "micro.toml"), "--out", str(out),
               "--set", "train.lr=0.01"])  # fmt: skip
+
+
+def test_an_interrupted_comparison_keeps_the_models_it_finished(workspace, monkeypatch):
+    peer_missing(monkeypatch)
+    out = workspace / "out"
+    real_evaluate = foldformer.compare.evaluate_model
+
+    def evaluate_then_fail(name, *args, **kwargs):
+        if name == "no_memory":
+            raise KeyboardInterrupt  # e.g. a time limit on the second model
+        return real_evaluate(name, *args, **kwargs)
+
+    monkeypatch.setattr("foldformer.compare.evaluate_model", evaluate_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        main(["compare", str(workspace / "micro.toml"), "--out", str(out), "--threads", "1"])
+    records = load_records([out / "results.json"])
+    models = {r["config"]["name"] for r in records if r["metric"] == "ecl"}
+    assert models == {"folded"}  # the first model's results were written before the second
+    assert "| folded |" in (out / "results.md").read_text()
 
 
 def test_parameter_band_is_enforced(workspace):

@@ -631,7 +631,7 @@ def run_comparison(
     """
     from foldformer.data.tokenizers import load_tokenizer
     from foldformer.evaluate.common import resolve_device
-    from foldformer.evaluate.records import load_records, make_record, write_records
+    from foldformer.evaluate.records import load_records, write_records
     from foldformer.train import setup_distributed
 
     out_dir = Path(out_dir)
@@ -647,8 +647,10 @@ def run_comparison(
     _warm_token_cache(config, tokenizer, progress)
     val = ValidationDocuments(config, tokenizer, progress)
 
-    all_records: list[dict[str, Any]] = []
     runnable = [p for p in plans if not p.skipped]
+    writer = ResultsWriter(config, plans, target, command, device, out_dir)
+    if not runnable:
+        writer.write(final=True)
     for i, plan in enumerate(runnable, 1):
         model_dir = out_dir / "models" / plan.name
         print(f"[{i}/{len(runnable)}] {plan.name} ({plan.model_type}, {plan.parameters:,} "
@@ -669,38 +671,64 @@ def run_comparison(
             state["eval"] = eval_settings
             _write_json(model_dir / "compare_state.json", state)
         tolerance = config.compare.tolerance
-        all_records += training_records(plan, target, state, tolerance, device) + records
-    for plan in plans:
-        if plan.skipped:
-            all_records.append(make_record("model_skipped", plan.skipped, None,
-                                           {"name": plan.name, "model_type": plan.model_type},
-                                           {"reason": plan.skipped}, device))  # fmt: skip
-    header = make_record(
-        "comparison",
-        len(runnable),
-        None,
-        {"name": "comparison", **config.to_dict()},
-        {
-            "command": command,
-            "models": [p.name for p in runnable],
-            "skipped": {p.name: p.skipped for p in plans if p.skipped},
-            "folded_parameters": target,
-            "seed": config.train.seed,
-            "cpu_model": cpu_model_name(),
-            "tokens_per_model": config.train.max_steps
-            * config.train.batch_size
-            * config.train.seq_len,
-        },
-        device,
-    )
-    all_records.insert(0, header)
-    write_records(all_records, out_dir / "results.json")
-    (out_dir / "results.md").write_text(results_markdown(all_records) + "\n")
-    plots = plot_results(all_records, out_dir)
-    print(results_table(all_records))
-    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'} and "
-          f"{', '.join(str(p) for p in plots)}")  # fmt: skip
-    return all_records
+        writer.model_records += training_records(plan, target, state, tolerance, device)
+        writer.model_records += records
+        writer.write(final=i == len(runnable))
+    return writer.records
+
+
+class ResultsWriter:
+    """results.json and results.md from the records so far, rewritten after every model (so an
+    interrupted comparison keeps what it finished); the plots once all models are done."""
+
+    def __init__(self, config, plans, target, command, device, out_dir: Path):
+        from foldformer.evaluate.records import make_record
+
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        runnable = [p.name for p in plans if not p.skipped]
+        self.header = make_record(
+            "comparison",
+            len(runnable),
+            None,
+            {"name": "comparison", **config.to_dict()},
+            {
+                "command": command,
+                "models": runnable,
+                "skipped": {p.name: p.skipped for p in plans if p.skipped},
+                "folded_parameters": target,
+                "seed": config.train.seed,
+                "cpu_model": cpu_model_name(),
+                "tokens_per_model": config.train.max_steps
+                * config.train.batch_size
+                * config.train.seq_len,
+            },
+            device,
+        )
+        self.skipped = [
+            make_record("model_skipped", plan.skipped, None,
+                        {"name": plan.name, "model_type": plan.model_type},
+                        {"reason": plan.skipped}, device)
+            for plan in plans if plan.skipped
+        ]  # fmt: skip
+        self.model_records: list[dict[str, Any]] = []
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [self.header, *self.model_records, *self.skipped]
+
+    def write(self, final: bool) -> None:
+        from foldformer.evaluate.records import write_records
+
+        records, out_dir = self.records, self.out_dir
+        write_records(records, out_dir / "results.json")
+        (out_dir / "results.md").write_text(results_markdown(records) + "\n")
+        if not final:
+            return
+        plots = plot_results(records, out_dir)
+        print(results_table(records))
+        print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'} and "
+              f"{', '.join(str(p) for p in plots)}")  # fmt: skip
 
 
 def _warm_token_cache(config: CompareConfig, tokenizer, progress: bool) -> None:
