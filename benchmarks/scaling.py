@@ -153,16 +153,17 @@ def write(path: Path, results: dict[str, Any]) -> None:
 def print_table(path: Path) -> None:
     results = json.loads(path.read_text())
     print(f"{results['device']}, torch {results['torch']}")
-    print(f"{'run':10} {'gpus':>4} {'tokens/s':>10} {'per GPU':>10} {'efficiency':>10}")
+    print(f"{'run':6} {'gpus':>4} {'tokens/s':>10} {'per GPU':>10} {'efficiency':>10}  note")
     for row in results["runs"]:
+        note = (row.get("skipped") or row.get("error", ""))[:80]
         if "tokens_per_s" not in row:
-            note = row.get("skipped") or row.get("error", "")
-            print(f"{row['label']:10} {row['gpus']:>4} {note[:70]}")
+            print(f"{row['label']:6} {row['gpus']:>4} {note}")
             continue
         eff = row.get("scaling_efficiency")
         print(
-            f"{row['label']:10} {row['gpus']:>4} {row['tokens_per_s']:>10.0f} "
+            f"{row['label']:6} {row['gpus']:>4} {row['tokens_per_s']:>10.0f} "
             f"{row['tokens_per_s_per_gpu']:>10.0f} {'-' if eff is None else f'{eff:.3f}':>10}"
+            f"  {note}"
         )
 
 

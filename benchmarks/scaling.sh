@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
 # Weak scaling of training under torchrun: the `seed` preset (byte-level, w = m = 12, the
-# preset's 256 rows x 768 tokens per GPU, per-fold checkpointing) on 1, 2 and, when more are
-# visible, all GPUs; then FSDP (`--fsdp true`) on 2 GPUs as one extra row. Every run is
-# `foldformer train` under torchrun (DDP across ranks), its tokens/s read from metrics.jsonl.
+# preset's 512 rows x 1536 tokens per GPU, 128 folds a step, per-fold checkpointing) on 1, 2
+# and, when more are visible, all GPUs; then FSDP (`--fsdp true`) on 2 GPUs as one extra row.
+# Every run is `foldformer train` under torchrun (DDP across ranks, a plain process at 1), its
+# tokens/s read from metrics.jsonl.
 #
 #   bash benchmarks/scaling.sh [OUT.json] [DATA_SPEC] [--key value ...]   # GPUs
 #   bash benchmarks/scaling.sh OUT.json --quick                            # CPU smoke test
 #
 # OUT.json defaults to benchmarks/results/h200/scaling.json, DATA_SPEC to
 # '.carry/pg.tar.xz?split=train'; trailing --key value pairs go to every `train` command
-# (e.g. --batch_size 1024). Rows: tokens/s (global), tokens/s per GPU, scaling efficiency =
-# (tokens/s per GPU at N) / (tokens/s at 1 GPU); benchmarks/scaling.py says how they are read.
+# (e.g. --batch_size 256 --seq_len 768). Rows: tokens/s (global), tokens/s per GPU, scaling
+# efficiency = (tokens/s per GPU at N) / (tokens/s at 1 GPU); scaling.py says how they are read.
 #
 # Compile: on (the preset's setting). Eager, the 12-token fold runs at about half the speed
 # (Python and launch bound), which would hide the all-reduce behind a slow step and overstate
-# the efficiency of the training we actually run. The price is the compile warm-up (30-60 s)
-# in each run's first logged interval, which is skipped; runs after the first reuse inductor's
-# on-disk cache (same per-GPU shapes). 20 steps, a log every 5: 3 measured intervals.
+# the efficiency of the training we actually run. The price is the compile warm-up in each
+# run's first logged interval, which is skipped: 30-60 s cold, less when inductor's on-disk
+# cache already holds the fold (runs after the first, or after benchmarks/throughput.py, whose
+# 512 x 1536 seed row compiles the same fold). 15 steps, a log every 5: 2 measured intervals.
 #
 # Time: SCALING_BUDGET seconds in all (default 150; quick 120). A run is cut at
-# min(SCALING_RUN_CAP (default 80), what is left) and one that would start too late is
-# recorded as skipped; the JSON is rewritten after every run, so a cut run loses nothing else.
-# SCALING_FSDP=0 leaves the FSDP row out.
+# min(SCALING_RUN_CAP (default 90), what is left) and one that would start too late is
+# recorded as skipped; the JSON is rewritten after every run, so a cut run loses nothing else
+# (a run cut after two logged intervals still has a measurement). SCALING_FSDP=0 leaves the
+# FSDP row out.
 set -uo pipefail
 
 quick=0
@@ -41,14 +44,17 @@ data=${positional[1]:-.carry/pg.tar.xz?split=train}
 
 here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-python=${PYTHON:-python}
+python=${PYTHON:-$(command -v python3 || command -v python)}
+# NVLink multicast stays off (the device machines require it; NCCL does not need it here).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 helper="$here/scaling.py"
 SECONDS=0
 budget=${SCALING_BUDGET:-150}
-cap=${SCALING_RUN_CAP:-80}
-work=$(mktemp -d /tmp/scaling.XXXXXX)
+cap=${SCALING_RUN_CAP:-90}
+work=${SCALING_WORK:-$(mktemp -d /tmp/scaling.XXXXXX)}
 runs=$work/runs
-mkdir -p "$runs"
+kept=${out%.json}_runs  # each run's log and metrics.jsonl, beside the JSON
+mkdir -p "$runs" "$kept"
 
 if ((quick)); then
   # CPU processes with gloo, a tiny model, a generated corpus: proves the script end to end.
@@ -73,7 +79,7 @@ else
   counts=(1)
   ((gpus >= 2)) && counts+=(2)
   ((gpus > 2)) && counts+=("$gpus")
-  common=(--preset seed --tokenizer bytes --max-steps 20 --log_every 5)
+  common=(--preset seed --tokenizer bytes --max-steps 15 --log_every 5)
 fi
 common+=(--data "$data" --cache_dir "$cache" --save_every 0 --eval_every 0 --progress false)
 
@@ -103,6 +109,8 @@ run() {  # label, number of processes, fsdp (true/false)
   local rc=$?
   "$python" "$helper" record "$out" "${flags[@]}" --rc "$rc" --seconds $((SECONDS - start)) \
     --log "$log"
+  cp "$log" "$kept/"
+  [[ -f $dir/metrics.jsonl ]] && cp "$dir/metrics.jsonl" "$kept/${label}_$n.metrics.jsonl"
 }
 
 for n in "${counts[@]}"; do
@@ -113,4 +121,4 @@ if [[ ${SCALING_FSDP:-1} == 1 ]]; then
 fi
 
 "$python" "$helper" table "$out"
-echo "total ${SECONDS} s; logs in $runs"
+echo "total ${SECONDS} s; logs and metrics in $kept"

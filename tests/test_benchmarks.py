@@ -141,7 +141,8 @@ def test_scaling_throughput_skips_the_compile_interval(tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_scaling_script_runs_two_gloo_processes(tmp_path):
     out = tmp_path / "scaling.json"
-    env = {**os.environ, "SCALING_FSDP": "0", "PYTHON": sys.executable}
+    env = {**os.environ, "SCALING_FSDP": "0", "PYTHON": sys.executable,
+           "SCALING_WORK": str(tmp_path / "work")}  # fmt: skip
     done = subprocess.run(
         ["bash", str(BENCHMARKS / "scaling.sh"), str(out), "--quick"],
         env=env, capture_output=True, text=True, timeout=240,
@@ -151,9 +152,11 @@ def test_scaling_script_runs_two_gloo_processes(tmp_path):
     runs = results["runs"]
     assert [r["gpus"] for r in runs] == [1, 2], runs
     for run in runs:
-        assert "error" not in run, run
+        assert "error" not in run, (run, done.stdout[-2000:])
         assert run["tokens_per_s"] > 0 and run["intervals_used"] == 2
         assert run["per_gpu_batch"] == 4 and "--nproc_per_node" in run["command"]
     assert runs[0]["scaling_efficiency"] == 1.0
     assert runs[1]["tokens_per_s_per_gpu"] == pytest.approx(runs[1]["tokens_per_s"] / 2)
-    assert 0 < runs[1]["scaling_efficiency"] < 2
+    assert runs[1]["scaling_efficiency"] > 0  # CPU processes sharing cores: no more to say
+    kept = sorted(p.name for p in (tmp_path / "scaling_runs").iterdir())
+    assert kept == ["ddp_1.log", "ddp_1.metrics.jsonl", "ddp_2.log", "ddp_2.metrics.jsonl"]
