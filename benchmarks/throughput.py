@@ -1,7 +1,8 @@
 """Training and streaming throughput of the presets on one GPU (bf16), with MFU and a profile.
 
     PYTHONPATH=src python benchmarks/throughput.py --out results.json [--profile DIR]
-        [--only seed_train,base_train,stream,profile] [--budget SECONDS] [--quick]
+        [--only seed_train,base_train,stream,profile] [--budget SECONDS] [--resume OLD.json]
+        [--quick]
 
 Training: the step the training loop runs (chunked loss, fused AdamW), with and without
 per-fold activation checkpointing, on random tokens, for several batch widths, eager or with
@@ -18,6 +19,7 @@ and the wall seconds the whole row took (compilation included). Settings run mos
 first; `--budget` skips what would start after that many seconds (a "skipped" row) and cuts a
 row still running then (an error row), so one call has a known upper bound; the JSON is
 rewritten after every row, and rows are listed there in a fixed order whatever ran.
+`--resume OLD.json` keeps OLD's measured rows and runs only the others (errors, skipped).
 
 MFU convention (DESIGN.md §6): model FLOPs per new token = 6·N·(m+w)/w for training
 (2·N·(m+w)/w for inference), N the non-embedding parameters, plus attention
@@ -341,6 +343,9 @@ def profile_training(
     }  # fmt: skip
     if DEVICE != "cuda":
         summary["gpu_busy_fraction"] = None  # nothing ran on a GPU
+    elif not gpu_events:  # CUPTI unavailable: no kernel times, not an idle GPU
+        summary["gpu_busy_fraction"] = None
+        summary["note"] = "the profiler recorded no GPU kernels (CUPTI unavailable?)"
     elif plain_seconds > 0:
         summary["gpu_busy_fraction_of_unprofiled_step"] = min(
             1.0, summary["gpu_busy_seconds_per_step"] / plain_seconds
@@ -552,10 +557,13 @@ def run_setting(setting: Setting, rate: float, deadline: float, row_timeout: flo
         if reasons:
             row["cudagraph_skip_reasons"] = sorted(set(reasons))[:5]
     # A fresh start for the next row: compiled code, CUDA-graph pools, cached blocks.
-    torch._dynamo.reset()
-    gc.collect()
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
+    try:
+        torch._dynamo.reset()
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    except Exception as error:  # e.g. a sticky CUDA error: later rows will say so themselves
+        row["cleanup_error"] = f"{type(error).__name__}: {error}"[:200]
     return row
 
 
@@ -579,6 +587,8 @@ def format_table(results: dict[str, Any]) -> str:
         if "error" in summary or "skipped" in summary:
             lines.append(f"profile {name}: {summary.get('error') or summary.get('skipped')}")
             continue
+        if summary.get("note"):
+            lines.append(f"profile {name}: {summary['note']}")
         busy = summary.get("gpu_busy_fraction")
         split = " ".join(
             f"{k} {100 * v:.0f}%" for k, v in summary["kernel_fraction_by_kind"].items()
@@ -589,6 +599,35 @@ def format_table(results: dict[str, Any]) -> str:
             f"{'-' if busy is None else f'{100 * busy:.0f}%'}; kernel time: {split}"
         )
     return "\n".join(lines)
+
+
+def setting_key(setting: Setting) -> tuple:
+    """What identifies a row: kind, preset, shape, compile mode, checkpointing, vocabulary."""
+    a = setting.args
+    if setting.kind == "profile":
+        return ("profile", setting.preset)
+    size = a["seq_len"] if setting.kind == "training" else a["total_tokens"]
+    checkpoint = a.get("checkpoint") if setting.kind == "training" else None
+    return (setting.kind, setting.preset, a["batch"], size, a["compile_mode"], checkpoint,
+            a["config"].vocab_size)  # fmt: skip
+
+
+def previous_rows(results: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
+    """The measured rows (no error, not skipped) of a results file, by setting_key."""
+    done: dict[tuple, dict[str, Any]] = {}
+    for kind in ("training", "streaming"):
+        for row in results.get(kind, []):
+            if "tokens_per_s" not in row:
+                continue
+            training = kind == "training"
+            size = row.get("seq_len") if training else row.get("stream_tokens_per_row")
+            key = (kind, row.get("preset"), row.get("batch"), size, row.get("compile_mode"),
+                   row.get("checkpoint") if training else None, row.get("vocab_size"))  # fmt: skip
+            done[key] = row
+    for preset, summary in results.get("profile", {}).items():
+        if "error" not in summary and "skipped" not in summary:
+            done[("profile", preset)] = summary
+    return done
 
 
 def parse_only(text: str | None) -> set[str]:
@@ -617,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for the whole run (0: no limit): later rows are skipped")  # fmt: skip
     parser.add_argument("--row-timeout", type=float, default=180.0,
                         help="seconds one setting may take before it is cut (0: no limit)")  # fmt: skip
+    parser.add_argument("--resume", metavar="JSON",
+                        help="a previous results file: its measured rows are kept, not rerun")  # fmt: skip
     args = parser.parse_args(argv)
     only = parse_only(args.only)
     if "profile" in only and args.only and args.profile is None:
@@ -648,6 +689,13 @@ def main(argv: list[str] | None = None) -> int:
         for s in settings:
             s.args["compile_mode"] = "none"
     rows: dict[int, tuple[Setting, dict[str, Any]]] = {}
+    if args.resume:
+        previous = json.loads(Path(args.resume).read_text())
+        done = previous_rows(previous)
+        for s in settings:
+            if setting_key(s) in done:
+                rows[s.order] = (s, {**done[setting_key(s)], "from_run": previous.get("date")})
+        print(f"--resume: {len(rows)} measured row(s) kept from {args.resume}", flush=True)
 
     def write() -> None:
         for kind in ("training", "streaming"):
@@ -661,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(results, f, indent=2)
 
     for setting in sorted(settings, key=lambda s: (s.priority, s.order)):
+        if setting.order in rows:
+            continue
         row = run_setting(setting, rate, deadline, args.row_timeout)
         if setting.kind != "profile":
             row["label"] = setting.label(row.get("compile_mode"))

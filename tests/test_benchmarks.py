@@ -77,6 +77,27 @@ def test_only_runs_the_chosen_parts(throughput, tmp_path):
         throughput.main(["--quick", "--only", "stream,trian", "--out", str(out)])
 
 
+def test_resume_keeps_measured_rows_and_runs_the_rest(throughput, tmp_path):
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    common = ["--quick", "--no-compile", "--only", "stream"]
+    assert throughput.main([*common, "--out", str(first), "--budget", "1e-9"]) == 0
+    old = json.loads(first.read_text())
+    # Pretend the seed stream row was measured (without compile both base rows are one key).
+    row = next(r for r in old["streaming"] if r["preset"] == "seed")
+    row.update(tokens_per_s=123.0, mfu=0.5, stream_tokens_per_row=row.pop("total_tokens"))
+    del row["skipped"]
+    first.write_text(json.dumps(old))
+    assert throughput.main([*common, "--out", str(second), "--resume", str(first)]) == 0
+    new = json.loads(second.read_text())
+    kept = [r for r in new["streaming"] if "from_run" in r]
+    assert (
+        len(kept) == 1 and kept[0]["tokens_per_s"] == 123.0 and kept[0]["from_run"] == old["date"]
+    )
+    assert new["training"] == []
+    for row in [r for r in new["streaming"] if "from_run" not in r]:
+        assert_measured(row)
+
+
 def test_a_spent_budget_skips_rows_and_a_slow_row_is_cut(throughput, tmp_path):
     out = tmp_path / "skipped.json"
     assert throughput.main(["--quick", "--only", "base_train", "--budget", "1e-9",
