@@ -18,7 +18,8 @@ The seed preset is byte-level (vocabulary 257); base keeps 8192 (`--seed-vocab`,
 and the wall seconds the whole row took (compilation included). Settings run most important
 first; `--budget` skips what would start after that many seconds (a "skipped" row) and cuts a
 row still running then (an error row), so one call has a known upper bound; the JSON is
-rewritten after every row, and rows are listed there in a fixed order whatever ran.
+rewritten after every row, and rows are listed there in a fixed order whatever ran (the
+default budget, 290 s, keeps a full run on an H200 within about 5 minutes).
 `--resume OLD.json` keeps OLD's measured rows and runs only the others (errors, skipped).
 
 MFU convention (DESIGN.md §6): model FLOPs per new token = 6·N·(m+w)/w for training
@@ -248,12 +249,12 @@ def bench_streaming(
 def kernel_kind(name: str) -> str:
     """matmul, attention, triton (inductor's fused kernels) or other, by kernel name."""
     lowered = name.lower()
-    if any(k in lowered for k in ("flash", "fmha", "sdpa", "attention", "attn")):
-        return "attention"
     if lowered.startswith("triton_tem"):  # an inductor matmul template
         return "matmul"
-    if lowered.startswith("triton"):
+    if lowered.startswith("triton"):  # named after the ops it fuses, which may say "attention"
         return "triton"
+    if any(k in lowered for k in ("flash", "fmha", "sdpa", "attention", "attn")):
+        return "attention"
     matmul = ("gemm", "cutlass", "cublas", "nvjet", "xmma", "wgmma", "matmul", "sm90", "sm80",
               "s16816", "s1688")  # fmt: skip
     if any(k in lowered for k in matmul):
@@ -652,8 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", action="store_true", help="with --profile: Chrome traces too")
     parser.add_argument("--seed-vocab", type=int, default=257, help="seed rows (byte-level)")
     parser.add_argument("--base-vocab", type=int, default=8192, help="base rows")
-    parser.add_argument("--budget", type=float, default=0.0,
-                        help="seconds for the whole run (0: no limit): later rows are skipped")  # fmt: skip
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run, later rows skipped (default 290, "
+                             "--quick none; 0: no limit)")  # fmt: skip
     parser.add_argument("--row-timeout", type=float, default=180.0,
                         help="seconds one setting may take before it is cut (0: no limit)")  # fmt: skip
     parser.add_argument("--resume", metavar="JSON",
@@ -663,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     if "profile" in only and args.only and args.profile is None:
         parser.error("--only profile needs --profile DIR (where the profile tables go)")
     started = time.perf_counter()
-    deadline = started + args.budget if args.budget > 0 else math.inf
+    budget = args.budget if args.budget is not None else (0.0 if args.quick else 290.0)
+    deadline = started + budget if budget > 0 else math.inf
     torch.backends.cuda.matmul.allow_tf32 = True
     rate = matmul_rate()
     print(f"measured bf16 matmul rate: {rate / 1e12:.0f} TFLOP/s", flush=True)
@@ -674,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         "bf16_matmul_flops": rate,
         "mfu_convention": __doc__.split("MFU convention")[1].strip(),
         "only": sorted(only),
+        "budget_seconds": budget,
         "training": [],
         "streaming": [],
         "profile": {},

@@ -134,6 +134,7 @@ def test_kernel_summary_splits_kernel_time_and_counts_overlap_once(throughput):
         {"matmul": 80 / 130, "attention": 20 / 130, "triton": 20 / 130, "other": 10 / 130}
     )
     assert throughput.kernel_kind("triton_tem_fused_mm_0") == "matmul"
+    assert throughput.kernel_kind("triton_poi_fused__scaled_dot_product_attention_3") == "triton"
     assert throughput.kernel_kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
 
 
