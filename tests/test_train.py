@@ -1,4 +1,5 @@
-"""The training loop: it learns, resumes exactly, and DDP follows the single-process curve."""
+"""The training loop: it learns, resumes exactly (one process, DDP and FSDP), and two processes
+follow the single-process curve."""
 
 from __future__ import annotations
 
@@ -83,28 +84,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_follow_the_single_process_curve(tmp_path):
-    args = ["train", "--data", str(BOOKS / "pg35.txt"), "--max-steps", "6",
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_follow_the_single_process_curve_and_resume_exactly(tmp_path, parallel):
+    args = ["train", "--data", str(BOOKS / "pg35.txt"),
             "--model_type", "folded", "--d_model", "32", "--n_layers", "2", "--n_heads", "4",
             "--segment_len", "8", "--memory_len", "8", "--seq_len", "32", "--lr", "3e-3",
-            "--warmup_steps", "2", "--eval_every", "0", "--save_every", "0", "--log_every", "1",
+            "--warmup_steps", "3", "--eval_every", "0", "--save_every", "3", "--log_every", "1",
             "--progress", "false", "--cache_dir", str(tmp_path / "c"), "--device", "cpu"]  # fmt: skip
-    assert cli_main([*args, "--batch_size", "8", "--out", str(tmp_path / "single")]) == 0
+    assert cli_main([*args, "--max-steps", "6", "--batch_size", "8",
+                     "--out", str(tmp_path / "single")]) == 0  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(free_port()), "-m", "foldformer.cli",
-         *args, "--batch_size", "4", "--out", str(tmp_path / "ddp")],
-        check=True, env=env, capture_output=True, timeout=300,
-    )  # fmt: skip
+
+    def two_processes(out: str, steps: int, *extra: str) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_port", str(free_port()), "-m", "foldformer.cli", *args,
+             "--fsdp", str(parallel == "fsdp").lower(), "--batch_size", "4",
+             "--max-steps", str(steps), "--out", str(tmp_path / out), *extra],
+            check=True, env=env, capture_output=True, timeout=300,
+        )  # fmt: skip
+
+    two_processes("straight", 6)
     single = [r["loss"] for r in read_metrics(tmp_path / "single")]
-    ddp = [r["loss"] for r in read_metrics(tmp_path / "ddp")]
-    assert len(single) == len(ddp) == 6
+    straight = [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    assert len(single) == len(straight) == 6
     # Same global batch (2 x 4 rows = 8 rows): the curves agree up to the per-rank averaging of
     # rows with different numbers of scored tokens (document padding) and float reduction order.
-    for s, d in zip(single, ddp, strict=True):
-        assert abs(s - d) <= 2e-3 * abs(s), (single, ddp)
+    for s, d in zip(single, straight, strict=True):
+        assert abs(s - d) <= 2e-3 * abs(s), (single, straight)
     assert single[-1] < single[0]
+
+    # Stopped after 3 steps and resumed (weights, optimizer, data positions, RNG and every
+    # rank's carried memory restored): the same losses and weights as the straight run.
+    two_processes("resumed", 3)
+    two_processes("resumed", 6, "--resume", str(tmp_path / "resumed"))
+    assert [r["loss"] for r in read_metrics(tmp_path / "resumed")] == straight
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
 def test_validation_runs_on_held_out_data(tmp_path):

@@ -327,6 +327,40 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("step_") and p.is_dir())
 
 
+def wrap_distributed(model: nn.Module, sharded: bool, device: torch.device) -> nn.Module:
+    """FSDP2 (each block, then the whole model, sharded over the ranks) or DDP."""
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    # The initial memory gets a gradient only in steps where some row resets.
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+    )
+
+
+def full_state_dict_options():
+    """Whole tensors gathered to the CPU: FSDP2 models save and load in the unsharded format
+    every other run uses."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+# What a checkpoint holds beyond a loadable model directory (config, weights, tokenizer).
+RESUME_FILES = (
+    "optimizer.pt",
+    "rng.safetensors",
+    "stream_memory.safetensors",
+    "trainer_state.json",
+)
+
+
 def save_checkpoint(
     out_dir: Path,
     step: int,
@@ -337,8 +371,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     stream_memory: Any,
     keep: int,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoints/step_N: a loadable model directory plus everything resume needs."""
+    """Write checkpoints/step_N: a loadable model directory plus everything resume needs.
+    optimizer_state: the optimizer's state dict when it is not `optimizer.state_dict()` (FSDP
+    gathers it whole first)."""
     from safetensors.torch import save_file
 
     final = out_dir / "checkpoints" / f"step_{step:08d}"
@@ -349,7 +386,10 @@ def save_checkpoint(
     # Optimizer and scheduler hold only tensors and numbers: torch.load(weights_only=True)
     # reads them back without unpickling arbitrary objects.
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        {
+            "optimizer": optimizer_state or optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        },
         tmp / "optimizer.pt",
     )
     rng_values, rng_tensors = rng_states()
@@ -420,7 +460,8 @@ def train(
             f"{tokenizer.vocab_size}"
         )
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(model_type, model_values).to(device)
+    model_spec = (model_type, dict(model_values))  # what build_model needs for a plain copy
+    model = build_model(*model_spec).to(device)
     segment_len = model.config.segment_len
     # Streams are stateful (memory carried across steps) when a step ends on a fold boundary.
     # A model whose fold is longer than a step (full attention) sees each step on its own.
@@ -444,43 +485,44 @@ def train(
     val_specs = run.data.val
     if not val_specs and cfg.eval_every and rank == 0 and batch_source is None:
         print("no validation data (--val-data SPEC): periodic validation is skipped")
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-
-    step, stream_memory, trainer_state = 0, None, {}
+    step, stream_memory, trainer_state, saved_optimizer = 0, None, {}, None
     if resume is not None:
         from safetensors.torch import load_file, load_model
 
         ckpt = find_resume_checkpoint(resume)
         load_model(unwrap(model), str(ckpt / "model.safetensors"), device=str(device))
-        saved = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        saved_optimizer = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
         trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
         step = trainer_state["step"]
         train_source.load_state_dict(trainer_state["data"][rank])
-        if (ckpt / "stream_memory.safetensors").is_file() and world_size == 1:
-            stream_memory = unwrap(model).state_class.from_state_dict(
+        if (ckpt / "stream_memory.safetensors").is_file():
+            # Saved with every rank's rows in rank order: this rank continues its own rows.
+            every_rank = unwrap(model).state_class.from_state_dict(
                 load_file(str(ckpt / "stream_memory.safetensors"), device=str(device))
+            )
+            rows = (every_rank.batch_size or 0) // world_size  # None: a fresh peer state
+            stream_memory = (
+                every_rank.index(slice(rank * rows, (rank + 1) * rows)) if rows else every_rank
             )
         set_rng_states(trainer_state["rng"], load_file(str(ckpt / "rng.safetensors")))
         if is_main:
             print(f"resumed from {ckpt} at step {step}")
 
+    sharded = cfg.fsdp and world_size > 1
     if world_size > 1:
-        if cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
+        model = wrap_distributed(model, sharded, device)
+    # After wrapping: FSDP2 replaces the parameters by sharded ones, which the optimizer must hold.
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    if saved_optimizer is not None:
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-            for block in unwrap(model).blocks:
-                fully_shard(block)
-            fully_shard(model)
+            set_optimizer_state_dict(model, optimizer, saved_optimizer["optimizer"],
+                                     options=full_state_dict_options())  # fmt: skip
         else:
-            # The initial memory gets a gradient only in steps where some row resets.
-            model = nn.parallel.DistributedDataParallel(
-                model,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=True,
-            )
+            optimizer.load_state_dict(saved_optimizer["optimizer"])
+        scheduler.load_state_dict(saved_optimizer["scheduler"])
     if cfg.compile:
         if hasattr(unwrap(model), "compile_fold"):
             unwrap(model).compile_fold()  # the fold step; the loop over folds stays eager
@@ -612,25 +654,24 @@ def train(
                 break
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 _save(out_dir, step, model, tokenizer, optimizer, scheduler, train_source,
-                      stream_memory, cfg, rank, world_size)  # fmt: skip
+                      stream_memory, cfg, rank, world_size, model_spec)  # fmt: skip
     except KeyboardInterrupt:
         if is_main:
             print(f"\ninterrupted at step {step}: saving a checkpoint to resume from")
         _save(out_dir, step, model, tokenizer, optimizer, scheduler, train_source,
-              stream_memory, cfg, rank, world_size)  # fmt: skip
+              stream_memory, cfg, rank, world_size, model_spec)  # fmt: skip
         raise
     finally:
         if progress is not None:
             progress.close()
         logger.close()
 
-    _save(out_dir, step, model, tokenizer, optimizer, scheduler, train_source, stream_memory,
-          cfg, rank, world_size)  # fmt: skip
+    checkpoint = _save(out_dir, step, model, tokenizer, optimizer, scheduler, train_source,
+                       stream_memory, cfg, rank, world_size, model_spec)  # fmt: skip
     final_dir = out_dir / "final"
-    if is_main:
+    if is_main:  # the model and tokenizer of the last checkpoint, without the resume state
         shutil.rmtree(final_dir, ignore_errors=True)
-        unwrap(model).save_pretrained(final_dir)
-        tokenizer.save(final_dir)
+        shutil.copytree(checkpoint, final_dir, ignore=shutil.ignore_patterns(*RESUME_FILES))
     summary = {
         "steps": step,
         "tokens": step * tokens_per_step,
@@ -647,8 +688,10 @@ def train(
 
 
 def _save(out_dir, step, model, tokenizer, optimizer, scheduler, source, stream_memory, cfg,
-          rank, world_size) -> None:  # fmt: skip
-    """Gather every rank's data position, then rank 0 writes the checkpoint."""
+          rank, world_size, model_spec) -> Path | None:  # fmt: skip
+    """Gather every rank's data position, then rank 0 writes the checkpoint (its path is
+    returned there). Under FSDP every rank first helps gather the whole weights and optimizer
+    state, and rank 0 writes them through a plain copy of the model: one format for all runs."""
     data_state = source.state_dict()
     if world_size > 1:
         gathered: list[Any] = [None] * world_size
@@ -656,13 +699,33 @@ def _save(out_dir, step, model, tokenizer, optimizer, scheduler, source, stream_
         data_states = gathered
     else:
         data_states = [data_state]
+    if world_size > 1 and stream_memory is not None:  # every rank's rows, in rank order
+        states: list[Any] = [None] * world_size
+        dist.all_gather_object(states, stream_memory.to("cpu"))
+        stream_memory = type(stream_memory).concat(states)
+    to_save, optimizer_state = model, None
+    if cfg.fsdp and world_size > 1:
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = full_state_dict_options()
+        model_state = get_model_state_dict(model, options=options)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+        if rank == 0:
+            to_save = build_model(*model_spec)
+            to_save.load_state_dict(model_state)
+    path = None
     if rank == 0:
-        save_checkpoint(
-            out_dir, step, model, tokenizer, optimizer, scheduler, {"data": data_states},
-            stream_memory if world_size == 1 else None, cfg.keep_checkpoints,
+        path = save_checkpoint(
+            out_dir, step, to_save, tokenizer, optimizer, scheduler, {"data": data_states},
+            stream_memory, cfg.keep_checkpoints,
+            optimizer_state=optimizer_state,
         )  # fmt: skip
     if world_size > 1:
         dist.barrier()
+    return path
 
 
 def out_of_time(started: float, max_minutes: float, world_size: int, device) -> bool:

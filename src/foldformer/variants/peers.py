@@ -132,7 +132,10 @@ class PeerState:
 
     def to(self, *args, **kwargs) -> PeerState:
         tensors = {k: v.to(*args, **kwargs) for k, v in self.tensors.items()}
-        return PeerState(tensors, self.pending)
+        if self.pending is None:
+            return PeerState(tensors, None)
+        device = torch.empty(0).to(*args, **kwargs).device  # token ids move, keep their dtype
+        return PeerState(tensors, self.pending.to(device=device))
 
     def detach(self) -> PeerState:
         return self._map(Tensor.detach)
