@@ -331,9 +331,7 @@ def profile_training(
     gpu_events = [
         (e.name, e.time_range.start, e.time_range.end)
         for e in prof.events()
-        if e.device_type == DeviceType.CUDA
-        and not e.is_user_annotation
-        and "annotation" not in (e.activity_type or "")
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
     ]
     summary = {
         "batch": batch, "seq_len": seq_len, "vocab_size": config.vocab_size,

@@ -136,6 +136,32 @@ def test_validation_runs_on_held_out_data(tmp_path):
     assert summary["final_val_loss"] == val[-1]
 
 
+def test_validation_runs_in_the_training_micro_batches(tmp_path):
+    """Validation splits each batch like the training step (grad_accum): the full batch at once
+    may not fit where training does; the loss is the same mean of micro-batch means."""
+    from foldformer.data.tokenizers import load_tokenizer
+    from foldformer.models import build_model
+    from foldformer.train import validate
+
+    torch.manual_seed(0)
+    model = build_model("folded", {k: v for k, v in SMALL_MODEL.items() if k != "model_type"}
+                        | {"vocab_size": 257})  # fmt: skip
+    source_args = dict(tokenizer=load_tokenizer("bytes"), batch_size=4, seq_len=32, segment_len=8,
+                       rank=0, world_size=1, seed=0, cache_dir=str(tmp_path / "c"))  # fmt: skip
+    rows_seen: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0].shape[0]))
+    losses = {}
+    for grad_accum in (1, 2, 4):
+        cfg = load_run_config().train.replace(batch_size=4, grad_accum=grad_accum, eval_batches=3)
+        rows_seen.clear()
+        losses[grad_accum] = validate(model, [str(BOOKS / "pg2500.txt")], source_args, cfg,
+                                      torch.device("cpu"), 1, True, {})  # fmt: skip
+        assert rows_seen == [4 // grad_accum] * (3 * grad_accum)
+    # Rows of a book are full (no padding), so every split averages the same tokens equally.
+    assert losses[2] == pytest.approx(losses[1], rel=1e-6)
+    assert losses[4] == pytest.approx(losses[1], rel=1e-6)
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = load_run_config().train.replace(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1)

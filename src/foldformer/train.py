@@ -753,18 +753,23 @@ def validate(
     model.eval()
     source = make_batch_source(val_specs, **{**source_args, "seed": 1234})
     total, memory = torch.zeros((), device=device), None
+    micro_rows = cfg.batch_size // cfg.grad_accum  # the training step's micro-batches: what fits
     for _ in range(cfg.eval_batches):
         batch = source.next_batch()
-        with autocast_context(device, cfg.precision):
-            out = unwrap(model)(
-                batch.input_ids.to(device),
-                memory=memory,
-                labels=batch.labels.to(device),
-                reset_mask=batch.reset_mask.to(device) if stateful else None,
-                **forward_args,  # the chunked loss: (B, T, V) logits at once do not fit a GPU
-            )
-        memory = out.memory if stateful else None
-        total += out.loss.float()
+        new_memory = []
+        for micro in range(cfg.grad_accum):
+            rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
+            with autocast_context(device, cfg.precision):
+                out = unwrap(model)(
+                    batch.input_ids[rows].to(device),
+                    memory=None if memory is None else memory.index(rows),
+                    labels=batch.labels[rows].to(device),
+                    reset_mask=batch.reset_mask[rows].to(device) if stateful else None,
+                    **forward_args,  # the chunked loss: (B, T, V) logits do not fit a GPU
+                )
+            new_memory.append(out.memory)
+            total += out.loss.float() / cfg.grad_accum
+        memory = type(new_memory[0]).concat(new_memory) if stateful else None
     if world_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
     return total.item() / cfg.eval_batches
