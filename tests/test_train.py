@@ -124,6 +124,10 @@ def test_two_gloo_processes_follow_the_single_process_curve_and_resume_exactly(t
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    # Each rank continues its own rows: one process cannot take over a two-process run.
+    with pytest.raises(ConfigError, match="written by 2 process"):
+        cli_main([*args, "--max-steps", "9", "--batch_size", "8", "--out", str(tmp_path / "one"),
+                  "--resume", str(tmp_path / "resumed")])  # fmt: skip
 
 
 def test_validation_runs_on_held_out_data(tmp_path):
@@ -191,3 +195,19 @@ def test_missing_data_is_named(tmp_path):
     run = small_run([str(tmp_path / "nope.txt")], cache_dir=str(tmp_path / "c"))
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         train(run, tmp_path / "run")
+
+
+def test_the_command_reports_input_mistakes_in_one_line(tmp_path, capsys, monkeypatch):
+    from foldformer.cli import console
+
+    monkeypatch.delenv("FOLDFORMER_DEBUG", raising=False)
+    assert console(["train", "--batch_size", "0", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err == "foldformer: error: batch_size must be a positive integer, got 0\n"
+    missing = tmp_path / "no_such_book.txt"
+    assert console(["train", "--data", str(missing), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("foldformer: error:") and str(missing) in err and "Traceback" not in err
+    monkeypatch.setenv("FOLDFORMER_DEBUG", "1")  # the traceback, for whoever wants it
+    with pytest.raises(ConfigError):
+        console(["train", "--batch_size", "0", "--out", str(tmp_path / "r")])

@@ -77,5 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
+def console(argv: list[str] | None = None) -> int:
+    """The `foldformer` command: `main`, with mistakes in the input (a bad config value, a
+    missing file, data or peer) reported as one line instead of a traceback. Set
+    FOLDFORMER_DEBUG=1 for the traceback."""
+    import os
+
+    from foldformer.compare import CompareError
+    from foldformer.config import ConfigError
+    from foldformer.data.text import DataError
+    from foldformer.variants.peers import PeerUnavailableError
+
+    user_errors = (ConfigError, DataError, CompareError, PeerUnavailableError, FileNotFoundError)
+    try:
+        return main(argv)
+    except user_errors as error:
+        if os.environ.get("FOLDFORMER_DEBUG"):
+            raise
+        print(f"foldformer: error: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -493,6 +493,13 @@ def train(
         load_model(unwrap(model), str(ckpt / "model.safetensors"), device=str(device))
         saved_optimizer = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
         trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+        saved_ranks = len(trainer_state["data"])
+        if saved_ranks != world_size:
+            raise ConfigError(
+                f"--resume {ckpt}: it was written by {saved_ranks} process(es), this run has "
+                f"{world_size}; resume with the same number of processes (each continues its "
+                "own rows of the streams)"
+            )
         step = trainer_state["step"]
         train_source.load_state_dict(trainer_state["data"][rank])
         if (ckpt / "stream_memory.safetensors").is_file():
