@@ -22,4 +22,4 @@ python3 -m foldformer.cli train --preset seed --data "$pg?split=train" \
 cp "/tmp/runs/$name/metrics.jsonl" "/tmp/runs/$name/summary.json" \
   "/tmp/runs/$name/run_config.json" "$results/$name/" 2>/dev/null
 python3 -m foldformer.cli eval ecl "/tmp/runs/$name/final" --data "$pg?split=validation" \
-  --targets 512 --max-distance "${ECL_MAX:-3072}" --unit "${ECL_UNIT:-12}" --batch-size 256 --out "$results/$name" 2>&1 | tee "$results/$name/ecl.log"
+  --targets 512 --max-distance "${ECL_MAX:-3072}" --unit "${ECL_UNIT:-12}" --batch-size 256 --control --out "$results/$name" 2>&1 | tee "$results/$name/ecl.log"

@@ -17,7 +17,7 @@
 # Learning rate 1e-3 with a 30-step warm-up (1.5e-3 made a BPE folded run blow up early).
 set -uo pipefail
 results=$1 steps=${2:-180} minutes=${3:-6}
-only=${ONLY:-folded no_memory full_attention}  # e.g. ONLY=full_attention to rerun one
+only=${ONLY:-folded no_memory full_attention}  # e.g. ONLY=full_attention; also folded_gate
 export PYTHONPATH=src PYTHONUNBUFFERED=1 ECL_MAX=${ECL_MAX:-6144}
 pg=${PG:-.carry/pg.tar.xz}
 mkdir -p "$results"
@@ -36,9 +36,12 @@ gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 baseline_gpu=${BASELINE_GPU:-$(( gpus >= 2 ? 1 : 0 ))}
 common=(--batch_size 512 --seq_len 1536 --max_steps "$steps" --warmup_steps 30 --lr 1e-3
         --eval_every $((steps / 4)))
-declare -A gpu=([folded]=${FOLDED_GPU:-0} [no_memory]=$baseline_gpu [full_attention]=$baseline_gpu)
+declare -A gpu=([folded]=${FOLDED_GPU:-0} [folded_gate]=${GATE_GPU:-0} [no_memory]=$baseline_gpu
+                [full_attention]=$baseline_gpu)
 declare -A extra=(
   [folded]=""
+  # not the note's set-up: the optional gate mixes the old memory into the new (docs/design.md)
+  [folded_gate]="--memory_gate true"
   [no_memory]="--memory_len 0"
   # one attention over the whole row, no per-fold checkpointing: 8 micro-batches fit 24 GB
   [full_attention]="--segment_len 1000000000 --memory_len 0 --grad_accum 8"

@@ -14,6 +14,7 @@ from foldformer.evaluate.ecl import (
     evaluate_ecl,
     paired_bootstrap,
     select_targets,
+    unrelated_contexts,
 )
 
 
@@ -161,3 +162,39 @@ def test_ecl_of_the_same_weights_without_memory_is_at_most_w(copy_model):
     assert result.extra["unit"] == 8
     assert result.ecl <= 8
     assert np.ptp(result.mean_loss) < 1e-5
+
+
+def test_unrelated_contexts_share_no_tokens_and_are_used_once():
+    targets = [(0, 100), (0, 300), (1, 80), (2, 90), (2, 400), (3, 70)]
+    perm = unrelated_contexts(targets, max_distance=50)
+    assert sorted(perm.tolist()) == list(range(len(targets)))  # each context used once
+    for i, j in enumerate(perm):
+        (doc_i, start_i), (doc_j, start_j) = targets[i], targets[j]
+        assert doc_i != doc_j or abs(start_i - start_j) >= 50 + WINDOW
+    # one long document: far parts of it serve
+    one_book = [(0, s) for s in range(1000, 20000, 1000)]
+    perm = unrelated_contexts(one_book, max_distance=500)
+    assert all(abs(one_book[i][1] - one_book[j][1]) >= 564 for i, j in enumerate(perm))
+    with pytest.raises(ValueError, match="unrelated context"):
+        unrelated_contexts([(0, 100), (0, 200), (0, 300)], max_distance=500)
+
+
+def test_control_separates_what_the_context_says_from_having_context(copy_model):
+    """The copying model needs the right tokens PERIOD back: another document's context of the
+    same length helps nothing, so the content gain is large once d reaches them; at d = 0 the
+    two inputs are identical (gain exactly 0). A model that cannot see before the window has
+    content gain 0 at every d."""
+    model, docs = copy_model
+    result = evaluate_ecl(model, docs, n_targets=48, max_distance=64, unit=8, progress=False,
+                          control=True)  # fmt: skip
+    control = result.extra["control"]
+    assert control["content_gain"][0] == 0.0
+    for d, gain, (low, _) in zip(result.distances, control["content_gain"],
+                                 control["content_interval"], strict=True):  # fmt: skip
+        if d >= 32:
+            assert gain > 1.0 and low > 0.5, (d, gain, low)
+    no_memory = FoldedTransformer(model.config.replace(segment_len=8)).eval()
+    no_memory.load_state_dict(model.state_dict())
+    blind = evaluate_ecl(no_memory, docs, n_targets=48, max_distance=64, progress=False,
+                         control=True)  # fmt: skip
+    assert np.abs(blind.extra["control"]["content_gain"]).max() < 1e-5

@@ -11,6 +11,13 @@ Scoring convention: a window's first token is always read (never scored), so eac
 contributes the same 63 predictions at every d, including d = 0 where there is nothing before
 the window. With d a multiple of w the window starts on a fold boundary of the fresh run, so a
 model without memory (m = 0) cannot see before the window at all: its ECL is 0.
+
+Control (`control=True`, `--control`): a recurrent state that starts from its initial value
+can lower the loss just by warming up, whatever the context says, and ECL counts that too.
+The control scores every window a second time after the same number of tokens taken from
+another target's context (another document, or a far part of the same), and reports per d the content gain
+loss_d(unrelated) − loss_d(own) with its paired interval: what the context's content is worth
+beyond a warmed-up state. (Not part of DESIGN.md's ECL; a diagnostic beside it.)
 """
 
 from __future__ import annotations
@@ -197,6 +204,24 @@ def select_targets(
     return sorted(chosen)
 
 
+def unrelated_contexts(targets: Sequence[tuple[int, int]], max_distance: int) -> np.ndarray:
+    """perm with perm[i] a target whose context shares no token with target i's context and
+    window (another document, or a part of the same one at least max_distance + WINDOW away),
+    each used once: a cyclic shift of the targets, which are sorted by document and position."""
+    docs = np.array([doc for doc, _ in targets])
+    starts = np.array([start for _, start in targets])
+    n = len(docs)
+    for shift in range(n // 2, n // 2 + n):
+        perm = (np.arange(n) + shift) % n
+        far = (docs[perm] != docs) | (np.abs(starts[perm] - starts) >= max_distance + WINDOW)
+        if shift % n and far.all():
+            return perm
+    raise ValueError(
+        f"no arrangement gives each of the {n} targets an unrelated context (another document "
+        f"or {max_distance + WINDOW}+ tokens away); give more or longer documents"
+    )
+
+
 @torch.no_grad()
 def context_losses(
     model: nn.Module,
@@ -246,11 +271,14 @@ def evaluate_ecl(
     n_boot: int = 2000,
     min_gain: float = 0.0,
     progress: bool = True,
+    control: bool = False,
 ) -> ECLResult:
-    """Measure ECL of `model` on token documents (see the module docstring)."""
+    """Measure ECL of `model` on token documents (see the module docstring); `control` adds
+    the unrelated-context control under result.extra["control"]."""
     unit = unit or default_unit(model, max_distance)
     distances = distance_grid(unit, max_distance)
     targets = select_targets(documents, n_targets, max_distance, seed)
+    perm = unrelated_contexts(targets, max_distance) if control else None  # fail before the work
     sequences = np.stack(
         [documents[doc][start - max_distance : start + WINDOW] for doc, start in targets]
     )
@@ -261,6 +289,18 @@ def evaluate_ecl(
     result.extra["min_gain"] = min_gain
     result.extra["targets"] = [[doc, start] for doc, start in targets]
     result.extra["unit"] = unit
+    if perm is not None:
+        swapped = np.concatenate(
+            [sequences[perm, :max_distance], sequences[:, max_distance:]], axis=1
+        )
+        unrelated = context_losses(model, swapped, distances, batch_size, progress)
+        content = unrelated - losses  # (G, N): what the own context adds over another one
+        result.extra["control"] = {
+            "mean_loss": unrelated.mean(axis=1).tolist(),
+            "loss_interval": paired_bootstrap(unrelated, n_boot, seed=seed + 3).tolist(),
+            "content_gain": content.mean(axis=1).tolist(),
+            "content_interval": paired_bootstrap(content, n_boot, seed=seed + 4).tolist(),
+        }
     return result
 
 
@@ -291,7 +331,8 @@ def ecl_records(
         "interval_method": "ECL re-computed on bootstrap resamples of targets (percentile)",
     }
     records = [make_record("ecl", result.ecl, result.ecl_interval, config, extra, device)]
-    for point in curve:
+    control = result.extra.get("control")
+    for i, point in enumerate(curve):
         point_config = {**config, "eval": {**config.get("eval", {}), "distance": point["distance"]}}
         records.append(
             make_record(
@@ -303,6 +344,30 @@ def ecl_records(
                 device,
             )
         )
+        if control:
+            records.append(
+                make_record(
+                    "loss_at_unrelated_context",
+                    control["mean_loss"][i],
+                    control["loss_interval"][i],
+                    point_config,
+                    {"unit": "nats/token", "context": "another target's, another document"},
+                    device,
+                )
+            )
+            records.append(
+                make_record(
+                    "context_content_gain",
+                    control["content_gain"][i],
+                    control["content_interval"][i],
+                    point_config,
+                    {
+                        "unit": "nats/token",
+                        "definition": "loss_d(unrelated context) - loss_d(own context)",
+                    },
+                    device,
+                )  # fmt: skip
+            )
     return records
 
 
@@ -312,13 +377,19 @@ def plot_ecl(result: ECLResult, path: str | Path, title: str = "") -> Path:
     d = np.array(result.distances, dtype=float)
     loss = np.array(result.mean_loss)
     low, high = np.array(result.loss_interval).T
-    ax.errorbar(d, loss, yerr=[loss - low, high - loss], marker="o", capsize=3)
+    ax.errorbar(d, loss, yerr=[loss - low, high - loss], marker="o", capsize=3,
+                label="own context")  # fmt: skip
+    control = result.extra.get("control")
+    if control:
+        other = np.array(control["mean_loss"])
+        ax.plot(d, other, "s--", color="tab:gray", label="unrelated context (control)")
     unit = result.extra.get("unit") or (result.distances[1] if len(d) > 1 else 1)
     ax.set_xscale("symlog", linthresh=unit)
     ax.set_xlabel("context tokens before the target window (d)")
     ax.set_ylabel("loss on the target window (nats/token)")
     if result.ecl > 0:
         ax.axvline(result.ecl, color="tab:red", linestyle="--", label=f"ECL = {result.ecl}")
+    if result.ecl > 0 or control:
         ax.legend()
     ax.set_title(title or f"ECL = {result.ecl} tokens ({result.n_targets} targets)")
     ax.grid(alpha=0.3)
@@ -348,6 +419,7 @@ def ecl_command(args) -> int:
         seed=args.seed,
         n_boot=args.bootstrap,
         min_gain=args.min_gain,
+        control=args.control,
     )
     config = eval_config(
         model,
@@ -360,6 +432,7 @@ def ecl_command(args) -> int:
         seed=args.seed,
         bootstrap=args.bootstrap,
         min_gain=args.min_gain,
+        control=args.control,
         dtype=args.dtype,
         documents=[name for name, _ in documents],
     )
@@ -375,7 +448,19 @@ def ecl_command(args) -> int:
         ]
         for i, (d, loss) in enumerate(zip(result.distances, result.mean_loss, strict=True))
     ]
-    print_table(rows, ["d", "loss", "gain", "95% interval"])
+    headers = ["d", "loss", "gain", "95% interval"]
+    control = result.extra.get("control")
+    if control:
+        for row, other, gain, (low, high) in zip(
+            rows,
+            control["mean_loss"],
+            control["content_gain"],
+            control["content_interval"],
+            strict=True,
+        ):
+            row += [other, f"{gain:+.4f} [{low:+.4f}, {high:+.4f}]"]
+        headers += ["loss, unrelated context", "content gain [95%]"]  # fmt: skip
+    print_table(rows, headers)
     low, high = result.ecl_interval
     print(f"ECL = {result.ecl} tokens (95% interval {low}–{high}); wrote {path} and {plot}")
     return 0
@@ -396,6 +481,12 @@ def add_arguments(parser) -> None:
         default=0.0,
         help="a step counts if its interval's lower end exceeds this (nats/token; DESIGN: 0)",
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also score each window after as many tokens of another document: the content "
+        "gain separates what the context says from a recurrent state warming up",
+    )
 
 
 __all__ = [
@@ -408,4 +499,5 @@ __all__ = [
     "paired_bootstrap",
     "plot_ecl",
     "select_targets",
+    "unrelated_contexts",
 ]
