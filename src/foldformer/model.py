@@ -22,6 +22,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -258,18 +259,70 @@ class FoldIn(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class FoldedTransformer(nn.Module):
+class StreamingLM(nn.Module):
+    """What every model of the project shares beyond `forward`: one-token steps, parameter
+    counts and the save/load format. Subclasses set the three class attributes and
+    `self.config`; those with other embeddings override `embedding_parameters`."""
+
+    model_type: ClassVar[str] = ""  # written into config.json
+    config_class: ClassVar[type] = FoldedConfig
+    state_class: ClassVar[type] = FoldState  # what `.memory` holds
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.config_class.__name__}, got "
+                f"{type(config).__name__}"
+            )
+        self.config = config
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """Token embeddings and an untied head (left out of non-embedding counts)."""
+        params = [self.embed.weight]
+        if not self.config.tie_embeddings:
+            params.append(self.head.weight)
+        return params
+
+    @torch.no_grad()
+    def step(self, token_ids: Tensor, memory=None) -> FoldedOutput:
+        """Read one token per row (B,), continuing `memory` (inside a fold: with its key/value
+        cache); returns logits (B, V) for the next token. The path generation uses."""
+        if token_ids.dim() != 1:
+            raise ValueError(f"step takes token ids of shape (B,), got {tuple(token_ids.shape)}")
+        out = self.forward(token_ids[:, None], memory)
+        return FoldedOutput(logits=out.logits[:, -1], memory=out.memory)
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding drops `embedding_parameters()`."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in self.embedding_parameters())
+        return n
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json (with model_type) and model.safetensors into directory."""
+        save_pretrained(self, self.model_type, self.config, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
+        """Load a model written by save_pretrained (safetensors only, nothing unpickled)."""
+        return from_pretrained(cls, cls.model_type, cls.config_class, directory, device)
+
+
+class FoldedTransformer(StreamingLM):
     """A decoder that reads unbounded streams through an (m + w)-position fold.
 
     Call it on a (B, T) LongTensor of any length; pass the returned ``.memory`` back with the
     next chunk to continue exactly where the stream stopped.
     """
 
-    state_class = FoldState  # what `.memory` holds
+    model_type = "folded"
+    config_class = FoldedConfig
+    state_class = FoldState
 
     def __init__(self, config: FoldedConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
@@ -452,15 +505,6 @@ class FoldedTransformer(nn.Module):
                 total = total + chunk_loss_sum(h, y)
         return total / (labels != -100).sum().clamp(min=1)
 
-    @torch.no_grad()
-    def step(self, token_ids: Tensor, memory: FoldState | None = None) -> FoldedOutput:
-        """Read one token per row (B,) with the key/value cache of the current fold;
-        returns logits (B, V) for the next token. The path generation uses."""
-        if token_ids.dim() != 1:
-            raise ValueError(f"step takes token ids of shape (B,), got {tuple(token_ids.shape)}")
-        out = self.forward(token_ids[:, None], memory)
-        return FoldedOutput(logits=out.logits[:, -1], memory=out.memory)
-
     # -- checks ------------------------------------------------------------------------------
 
     def _check_inputs(
@@ -510,28 +554,6 @@ class FoldedTransformer(nn.Module):
                     f"reset_mask must be a bool tensor of shape ({B},) or ({B}, {T}), got "
                     f"{reset_mask.dtype} {tuple(reset_mask.shape)}"
                 )
-
-    # -- bookkeeping -------------------------------------------------------------------------
-
-    def num_parameters(self, non_embedding: bool = True) -> int:
-        """Parameter count; non_embedding drops token embeddings and an untied head."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.embed.weight.numel()
-            if not self.config.tie_embeddings:
-                n -= self.head.weight.numel()
-        return n
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json and model.safetensors into directory."""
-        save_pretrained(self, "folded", self.config, directory)
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu"
-    ) -> FoldedTransformer:
-        """Load a model written by save_pretrained (safetensors only, nothing unpickled)."""
-        return from_pretrained(cls, "folded", FoldedConfig, directory, device)
 
 
 def run_stack(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -19,12 +18,10 @@ from torch import Tensor, nn
 from foldformer.config import FoldedConfig, JsonConfig
 from foldformer.model import (
     Block,
-    FoldedOutput,
+    StreamingLM,
     apply_rotary,
-    from_pretrained,
     language_model_loss,
     make_norm,
-    save_pretrained,
 )
 
 # Fields with the same name and meaning as in FoldedConfig (validated by FoldedConfig itself).
@@ -222,7 +219,7 @@ def memory_key_values(
     return apply_rotary(k, cos, sin), v
 
 
-class VariantModel(nn.Module):
+class VariantModel(StreamingLM):
     """A decoder stack with the project protocol; subclasses write `forward`.
 
     Holds embeddings, the `Block` stack, the final norm and the head, initialised as in
@@ -234,13 +231,7 @@ class VariantModel(nn.Module):
     state_class: ClassVar[type[VariantState]] = VariantState  # what `.memory` holds
 
     def __init__(self, config: VariantConfig):
-        super().__init__()
-        if not isinstance(config, self.config_class):
-            raise TypeError(
-                f"{type(self).__name__} takes a {self.config_class.__name__}, got "
-                f"{type(config).__name__}"
-            )
-        self.config = config
+        super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
@@ -268,29 +259,3 @@ class VariantModel(nn.Module):
         logits = self.head(self.norm_out(hidden))
         loss = None if labels is None else language_model_loss(logits, labels)
         return logits, loss
-
-    @torch.no_grad()
-    def step(self, token_ids: Tensor, memory: VariantState | None = None) -> FoldedOutput:
-        """Read one token per row (B,); returns logits (B, V) for the next token."""
-        if token_ids.dim() != 1:
-            raise ValueError(f"step takes token ids of shape (B,), got {tuple(token_ids.shape)}")
-        out = self.forward(token_ids[:, None], memory)
-        return FoldedOutput(logits=out.logits[:, -1], memory=out.memory)
-
-    def num_parameters(self, non_embedding: bool = True) -> int:
-        """Parameter count; non_embedding drops token embeddings and an untied head."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.embed.weight.numel()
-            if not self.config.tie_embeddings:
-                n -= self.head.weight.numel()
-        return n
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json (with model_type) and model.safetensors into directory."""
-        save_pretrained(self, self.model_type, self.config, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
-        """Load a model written by save_pretrained (safetensors only, nothing unpickled)."""
-        return from_pretrained(cls, cls.model_type, cls.config_class, directory, device)

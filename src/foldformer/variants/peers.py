@@ -25,7 +25,6 @@ import importlib
 import importlib.util
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -33,13 +32,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from foldformer.config import ConfigError, FoldedConfig, JsonConfig
-from foldformer.model import FoldedOutput, language_model_loss, reset_columns
-from foldformer.variants.base import (
-    check_token_inputs,
-    expand_reset_mask,
-    from_pretrained,
-    save_pretrained,
-)
+from foldformer.model import FoldedOutput, StreamingLM, language_model_loss, reset_columns
+from foldformer.variants.base import check_token_inputs, expand_reset_mask
 
 
 class PeerUnavailableError(ImportError):
@@ -177,7 +171,7 @@ def _unstacked(prefix: str, tensors: dict[str, Tensor], batch_dim: int) -> list[
 # ---------------------------------------------------------------------------------------------
 
 
-class PeerModel(nn.Module):
+class PeerModel(StreamingLM):
     """Base adapter. Subclasses build ``self.net`` and implement `run_segment`."""
 
     model_type: ClassVar[str] = ""
@@ -187,13 +181,7 @@ class PeerModel(nn.Module):
     carries_gradient: ClassVar[bool] = False  # does the state keep a graph across segments
 
     def __init__(self, config: PeerConfig):
-        super().__init__()
-        if not isinstance(config, self.config_class):
-            raise TypeError(
-                f"{type(self).__name__} takes a {self.config_class.__name__}, got "
-                f"{type(config).__name__}"
-            )
-        self.config = config
+        super().__init__(config)
 
     # -- to implement ------------------------------------------------------------------------
 
@@ -293,30 +281,6 @@ class PeerModel(nn.Module):
                 for k, v in state.tensors.items()
             }
         )
-
-    @torch.no_grad()
-    def step(self, token_ids: Tensor, memory: PeerState | None = None) -> FoldedOutput:
-        """Read one token per row (B,); returns logits (B, V) for the next token."""
-        if token_ids.dim() != 1:
-            raise ValueError(f"step takes token ids of shape (B,), got {tuple(token_ids.shape)}")
-        out = self.forward(token_ids[:, None], memory)
-        return FoldedOutput(logits=out.logits[:, -1], memory=out.memory)
-
-    def num_parameters(self, non_embedding: bool = True) -> int:
-        """Parameter count; non_embedding drops embeddings and the output projection."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(p.numel() for p in self.embedding_parameters())
-        return n
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json (with model_type) and model.safetensors into directory."""
-        save_pretrained(self, self.model_type, self.config, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
-        """Load a model written by save_pretrained (safetensors only, nothing unpickled)."""
-        return from_pretrained(cls, cls.model_type, cls.config_class, directory, device)
 
 
 # ---------------------------------------------------------------------------------------------
