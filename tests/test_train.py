@@ -166,6 +166,36 @@ def test_validation_runs_in_the_training_micro_batches(tmp_path):
     assert losses[4] == pytest.approx(losses[1], rel=1e-6)
 
 
+def test_full_attention_rows_keep_no_cache_between_micro_batches(tmp_path, monkeypatch):
+    """A window longer than the row (full attention) makes rows independent: the state a row
+    ends with is its whole key/value cache, which neither training nor validation may keep
+    across micro-batches (the seed reference ran out of memory holding eight of them)."""
+    import gc
+    import weakref
+
+    from foldformer.model import FoldedTransformer
+
+    caches: list[weakref.ref] = []
+    most_alive = []
+    forward = FoldedTransformer.forward
+
+    def counting_forward(self, *args, **kwargs):
+        gc.collect()
+        most_alive.append(sum(ref() is not None for ref in caches))
+        out = forward(self, *args, **kwargs)
+        caches.append(weakref.ref(out.memory.keys))
+        return out
+
+    monkeypatch.setattr(FoldedTransformer, "forward", counting_forward)
+    run = small_run([str(BOOKS / "pg35.txt")], cache_dir=str(tmp_path / "c"), max_steps=2,
+                    grad_accum=4, eval_every=2, eval_batches=1)  # fmt: skip
+    run.model.update(segment_len=10**9, memory_len=0)
+    run.data.val = [str(BOOKS / "pg2500.txt")]
+    train(run, tmp_path / "run")
+    assert len(most_alive) == 3 * 4  # two training steps and one validation batch
+    assert max(most_alive) <= 1, most_alive  # only the previous micro-batch's `out`
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = load_run_config().train.replace(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1)

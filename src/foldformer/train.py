@@ -590,7 +590,8 @@ def train(
                         )
                     (out.loss / cfg.grad_accum).backward()
                 total_loss += out.loss.detach() / cfg.grad_accum
-                new_memory.append(out.memory.detach())
+                if stateful:  # otherwise the state is a whole row's key/value cache: drop it
+                    new_memory.append(out.memory.detach())
                 if curriculum is not None:
                     answers += torch.tensor(
                         answer_accuracy(out.logits.detach(), batch.labels[rows].to(device)),
@@ -598,6 +599,7 @@ def train(
                     )
             # carried, gradient-free, to the next step
             stream_memory = type(new_memory[0]).concat(new_memory) if stateful else None
+            del out, new_memory  # nothing of this step's forward lives on into validation
             grad_norm = (
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 if cfg.grad_clip > 0
@@ -774,7 +776,8 @@ def validate(
                     reset_mask=batch.reset_mask[rows].to(device) if stateful else None,
                     **forward_args,  # the chunked loss: (B, T, V) logits do not fit a GPU
                 )
-            new_memory.append(out.memory)
+            if stateful:  # otherwise the state is a whole row's key/value cache: drop it
+                new_memory.append(out.memory)
             total += out.loss.float() / cfg.grad_accum
         memory = type(new_memory[0]).concat(new_memory) if stateful else None
     if world_size > 1:
