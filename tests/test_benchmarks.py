@@ -182,3 +182,22 @@ def test_scaling_script_runs_two_gloo_processes(tmp_path):
     assert runs[1]["scaling_efficiency"] > 0  # CPU processes sharing cores: no more to say
     kept = sorted(p.name for p in (tmp_path / "scaling_runs").iterdir())
     assert kept == ["ddp_1.log", "ddp_1.metrics.jsonl", "ddp_2.log", "ddp_2.metrics.jsonl"]
+
+
+def test_packed_fold_attention_keeps_every_row_to_itself(monkeypatch):
+    """benchmarks/seed_step.py packs several 24-position folds into one FlexAttention sequence:
+    each row must still see exactly its own causal past (forward only: no CPU backward)."""
+    import torch
+
+    from foldformer.model import causal_attention
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # seed_step imports throughput
+    seed_step = load("seed_step")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(12, 2, 24, 16) for _ in range(3))  # packed 4 rows to a sequence
+    packed = torch.compile(seed_step.packed_causal_attention)(q, k, v)
+    torch.testing.assert_close(packed, causal_attention(q, k, v))
+    q, k, v = (t[:7] for t in (q, k, v))  # 7 rows cannot be packed: plain attention
+    torch.testing.assert_close(
+        seed_step.packed_causal_attention(q, k, v), causal_attention(q, k, v)
+    )

@@ -143,6 +143,11 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """Causal self-attention over (B, heads, N, head_dim): a whole fold, no cache."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
+
 class Attention(nn.Module):
     def __init__(self, config: FoldedConfig):
         super().__init__()
@@ -168,7 +173,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout = self.dropout if self.training else 0.0
         if past_kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = causal_attention(q, k, v, dropout)
         else:
             # New queries sit after P cached positions: SDPA's is_causal aligns top-left for
             # non-square masks, so the bottom-right causal mask is spelled out.
@@ -374,12 +379,6 @@ class FoldedTransformer(StreamingLM):
 
     # -- one fold ---------------------------------------------------------------------------
 
-    def run_blocks(
-        self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Run the stack over x (B, N, d) at fold positions P … P+N−1 (P = cached length)."""
-        return run_stack(self.blocks, self.config, x, cache)
-
     def compile_fold(self, **compile_options) -> None:
         """torch.compile the whole-fold step (the hot path of training and prefill). One fold
         has fixed shapes, so it compiles once; the loop over folds stays in Python."""
@@ -388,21 +387,26 @@ class FoldedTransformer(StreamingLM):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._fold_step = torch.compile(self.complete_fold, **compile_options)
 
-    def complete_fold(self, memory: Tensor, segment: Tensor) -> Tensor:
-        """A whole fold in one fused causal pass: final states of the m + w positions."""
+    def complete_fold(self, memory: Tensor, segment: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """A whole fold in one fused causal pass: final states of the m + w positions.
+        cos/sin: rotary tables of the fold positions (computed once per call, not per fold)."""
         x = torch.cat([self.fold_in(memory).to(segment.dtype), segment], dim=1)
-        top, _, _ = self.run_blocks(x)
+        top, _, _ = run_stack(self.blocks, x, (cos, sin))
         return top
 
-    def partial_fold(self, state: FoldState, segment: Tensor) -> tuple[Tensor, FoldState]:
+    def partial_fold(
+        self, state: FoldState, segment: Tensor, rope: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, FoldState]:
         """Read part of a segment with the cache of the current fold; returns the new tokens'
         final states and the state with the cache extended."""
         if state.top is None:  # the fold starts here: memory rows go first
             x = torch.cat([self.fold_in(state.memory).to(segment.dtype), segment], dim=1)
-            top, keys, values = self.run_blocks(x)
+            top, keys, values = run_stack(self.blocks, x, rope)
             new_top = top[:, self.config.memory_len :]
         else:
-            new_top, keys, values = self.run_blocks(segment, (state.keys, state.values))
+            new_top, keys, values = run_stack(
+                self.blocks, segment, rope, (state.keys, state.values)
+            )
             top = torch.cat([state.top, new_top], dim=1)
         return new_top, FoldState(state.memory, keys, values, top)
 
@@ -441,6 +445,8 @@ class FoldedTransformer(StreamingLM):
             reset_mask = F.pad(reset_mask[:, None], (0, T - 1))
         resets_at = reset_columns(reset_mask)
         x = self.drop(self.embed(input_ids))
+        # Every fold uses positions 0 … m+w−1: one rotary table for all the folds of the call.
+        rope = self.rotary(m + min(w, state.tokens_in_fold() + T), x)
 
         tops, t, folds_done = [], 0, 0
         while t < T:
@@ -453,14 +459,14 @@ class FoldedTransformer(StreamingLM):
                 fold_step = getattr(self, "_fold_step", self.complete_fold)
                 if checkpoint and torch.is_grad_enabled():
                     top = activation_checkpoint(
-                        fold_step, state.memory, segment, use_reentrant=False
+                        fold_step, state.memory, segment, *rope, use_reentrant=False
                     )
                 else:
-                    top = fold_step(state.memory, segment)
+                    top = fold_step(state.memory, segment, *rope)
                 tops.append(top[:, m:])
                 fold_top = top
             else:
-                new_top, state = self.partial_fold(state, segment)
+                new_top, state = self.partial_fold(state, segment, rope)
                 tops.append(new_top)
                 fold_top = state.top
             t += n
@@ -482,6 +488,13 @@ class FoldedTransformer(StreamingLM):
         logits = self.head(self.norm_out(hidden))
         loss = None if labels is None else language_model_loss(logits, labels)
         return FoldedOutput(logits=logits, memory=state, loss=loss)
+
+    def rotary(self, n_positions: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotary cos/sin tables for fold positions 0 … n_positions−1, in like's dtype."""
+        config = self.config
+        return rotary_tables(
+            n_positions, config.head_dim, config.rope_base, like.device, like.dtype
+        )
 
     def chunked_loss(self, hidden: Tensor, labels: Tensor, max_elements: int = 2**27) -> Tensor:
         """Mean cross-entropy of head(norm(hidden)) without holding all logits: each chunk of
@@ -557,15 +570,18 @@ class FoldedTransformer(StreamingLM):
 
 
 def run_stack(
-    blocks: nn.ModuleList, config, x: Tensor, cache: tuple[Tensor, Tensor] | None = None
+    blocks: nn.ModuleList,
+    x: Tensor,
+    rope: tuple[Tensor, Tensor],
+    cache: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run blocks over x (B, N, d) at positions P … P+N−1 (P = cached length).
+    """Run blocks over x (B, N, d) at positions P … P+N−1 (P = cached length); rope holds
+    the rotary tables of at least positions 0 … P+N−1.
 
     Returns final-layer states (B, N, d) and the stacked keys/values (L, B, heads, P+N, hd).
     """
     P = 0 if cache is None else cache[0].shape[3]
-    cos, sin = rotary_tables(P + x.shape[1], config.head_dim, config.rope_base, x.device, x.dtype)
-    cos, sin = cos[P:], sin[P:]
+    cos, sin = rope[0][P : P + x.shape[1]], rope[1][P : P + x.shape[1]]
     keys, values = [], []
     for layer, block in enumerate(blocks):
         past = None if cache is None else (cache[0][layer], cache[1][layer])

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from foldformer.model import FoldedOutput, reset_columns, run_stack
+from foldformer.model import FoldedOutput, reset_columns, rotary_tables, run_stack
 from foldformer.variants.base import (
     VariantConfig,
     VariantModel,
@@ -84,7 +84,9 @@ class RecurrentMemoryTransformer(VariantModel):
         self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Run the stack over x (B, N, d) at positions P … P+N−1 (P = cached length)."""
-        return run_stack(self.blocks, self.config, x, cache)
+        P, c = (0 if cache is None else cache[0].shape[3]), self.config
+        rope = rotary_tables(P + x.shape[1], c.head_dim, c.rope_base, x.device, x.dtype)
+        return run_stack(self.blocks, x, rope, cache)
 
     def complete_segment(self, memory: Tensor, segment: Tensor) -> tuple[Tensor, Tensor]:
         """[read M, segment, write M] in one causal pass: the segment's final states and the
