@@ -3,8 +3,8 @@
     python benchmarks/plot_seed.py benchmarks/results/h200/seed_round3 [--out FILE.png]
 
 Reads RUN/metrics.jsonl (training and validation loss) and RUN/ecl.json (loss_at_context
-records) for every run folder under the results directory, as written by
-benchmarks/gpu_seed_all.sh.
+records, and loss_at_unrelated_context from `eval ecl --control`, drawn dashed) for every run
+folder under the results directory, as written by benchmarks/gpu_seed_all.sh.
 """
 
 from __future__ import annotations
@@ -57,9 +57,20 @@ def main() -> None:
             ecl = next((r for r in records if r["metric"] == "ecl"), None)
             d = [max(p[0], 1) for p in points]  # d = 0 drawn at 1 on the log axis
             label = run.name + (f" (ECL {ecl['value']})" if ecl else "")
-            context_ax.errorbar(d, [p[1] for p in points],
-                                yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]],
-                                marker="o", capsize=2, label=label)  # fmt: skip
+            bars = context_ax.errorbar(d, [p[1] for p in points],
+                                       yerr=[[p[1] - p[2] for p in points],
+                                             [p[3] - p[1] for p in points]],
+                                       marker="o", capsize=2, label=label)  # fmt: skip
+            # --control: the same targets after unrelated text of the same length (dashed)
+            control = sorted(
+                (r["config"]["eval"]["distance"], r["value"])
+                for r in records
+                if r["metric"] == "loss_at_unrelated_context"
+            )
+            if control:
+                context_ax.plot([max(c[0], 1) for c in control], [c[1] for c in control], "--",
+                                color=bars.lines[0].get_color(), alpha=0.7,
+                                label=f"{run.name}, unrelated context")  # fmt: skip
     train_ax.set(xlabel="training tokens (millions)", ylabel="loss (nats/token)",
                  title="training and validation loss")  # fmt: skip
     train_ax.set_ylim(top=min(train_ax.get_ylim()[1], 3.0))
