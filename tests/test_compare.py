@@ -150,12 +150,23 @@ def test_micro_comparison_writes_one_row_per_model_and_reuses_finished_models(
     def no_training(*args, **kwargs):
         raise AssertionError("a finished model was trained again")
 
+    evaluate_model = foldformer.compare.evaluate_model
     monkeypatch.setattr(foldformer.train, "train", no_training)
     monkeypatch.setattr("foldformer.compare.evaluate_model", no_training)
     (out / "results.json").unlink()
     assert main(["compare", str(workspace / "micro.toml"), "--out", str(out)]) == 0
     assert "already trained" in capsys.readouterr().out
     assert len(load_records([out / "results.json"])) == len(records)
+
+    # Changed evaluation settings evaluate the finished models again without training them:
+    # with the unrelated-context control, each model gets content-gain records and a column.
+    monkeypatch.setattr("foldformer.compare.evaluate_model", evaluate_model)
+    assert main(["compare", str(workspace / "micro.toml"), "--out", str(out),
+                 "--set", "eval.ecl_control=true"]) == 0  # fmt: skip
+    controlled = load_records([out / "results.json"])
+    gains = {r["config"]["name"] for r in controlled if r["metric"] == "context_content_gain"}
+    assert gains == {"folded", "no_memory"}
+    assert "content gain at 16 [95%]" in (out / "results.md").read_text()
 
     # ... but a changed configuration is refused rather than silently mixed with old models.
     with pytest.raises(CompareError, match="lr"):

@@ -123,6 +123,9 @@ class EvalSettings(JsonConfig):
     ecl_batch_size: int = 16
     ecl_bootstrap: int = 2000
     ecl_min_gain: float = 0.0
+    # also score each target after unrelated text of the same length (docs/evaluation.md): the
+    # content gain separates a memory that carries the text from a state that warms up
+    ecl_control: bool = False
     # passkey retrieval
     passkey_lengths: list[int] = field(default_factory=lambda: [256, 1024])
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
@@ -515,13 +518,15 @@ def evaluate_model(
             seed=settings.seed,
             n_boot=settings.ecl_bootstrap,
             min_gain=settings.ecl_min_gain,
+            control=settings.ecl_control,
             progress=progress,
         )
         config = eval_config(model, checkpoint, task="ecl", targets=settings.ecl_targets,
                              max_distance=settings.ecl_max_distance,
                              grid_unit=result.extra["unit"], seed=settings.seed,
                              bootstrap=settings.ecl_bootstrap, min_gain=settings.ecl_min_gain,
-                             dtype=settings.dtype, documents=[n for n, _ in documents])  # fmt: skip
+                             control=settings.ecl_control, dtype=settings.dtype,
+                             documents=[n for n, _ in documents])  # fmt: skip
         records += ecl_records(result, config, device)
         low, high = result.ecl_interval
         print(f"  {name}: ECL = {result.ecl} tokens (95% interval {low}–{high})")
@@ -794,8 +799,11 @@ def results_table(records: list[dict[str, Any]]) -> str:
               and r["config"]["eval"].get("mode") == "inference"]  # fmt: skip
     t_max = max((r["config"]["eval"]["length"] for r in memory), default=None)
     t_text = format_size(t_max) if t_max else "–"
+    gains = [r for r in records if r["metric"] == "context_content_gain"]
+    d_max = max((r["config"]["eval"]["distance"] for r in gains), default=None)
     header = (["model", "non-emb. params (× folded)", "tokens seen", "train time",
                "final val loss", "LM bits/byte [95%]", "ECL [95%]"]
+              + ([f"content gain at {format_size(d_max)} [95%]"] if gains else [])
               + [f"passkey {format_size(n)}" for n in lengths]
               + [f"inference peak MiB at {t_text} (over baseline)", f"tokens/s at {t_text}"])  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "| --- " + "| ---: " * (len(header) - 1) + "|"]
@@ -821,6 +829,10 @@ def results_table(records: list[dict[str, Any]]) -> str:
             "–" if not bpb else f"{bpb['value']:.3f}" + _interval(bpb, "[{:.3f}, {:.3f}]"),
             "–" if not ecl else f"{ecl['value']}" + _interval(ecl, "[{}–{}]"),
         ]
+        if gains:
+            gain = _one(rs, "context_content_gain", distance=d_max)
+            row.append("–" if not gain else f"{gain['value']:+.4f}"
+                       + _interval(gain, "[{:+.4f}, {:+.4f}]"))  # fmt: skip
         for n in lengths:
             cells = [r for r in rs if r["metric"] == "passkey_accuracy"
                      and r["config"]["eval"]["length"] == n]  # fmt: skip
