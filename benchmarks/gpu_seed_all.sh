@@ -11,9 +11,9 @@
 #
 #   bash benchmarks/gpu_seed_all.sh RESULTS_DIR [STEPS] [MINUTES]
 #
-# Placement: folded on FOLDED_GPU, folded_gate on GATE_GPU, the baselines on BASELINE_GPU
-# (defaults: folded and the gate on GPU 0, the baselines on GPU 1 when there are two; runs
-# sharing a GPU slow each other down). ONLY="folded folded_gate" etc. picks the runs;
+# Placement: folded on FOLDED_GPU, folded_gate on GATE_GPU, the baselines on BASELINE_GPU or
+# each on NO_MEMORY_GPU / FULL_GPU (defaults: folded and the gate on GPU 0, the baselines on
+# GPU 1 when there are two; runs sharing a GPU slow each other down and may hit MINUTES). ONLY="folded folded_gate" etc. picks the runs;
 # EXTRA="--key value ..." is added to every run (e.g. EXTRA="--batch_size 512 --seq_len 1536"
 # for round 3's shape, or a smoke test on a CPU). MINUTES is a guard: a run that reaches it
 # stops early (the step count in its summary then shows it) and is still evaluated.
@@ -42,8 +42,8 @@ gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 baseline_gpu=${BASELINE_GPU:-$(( gpus >= 2 ? 1 : 0 ))}
 common=(--batch_size 1024 --seq_len 768 --max_steps "$steps" --warmup_steps 30 --lr 1e-3
         --eval_every $((steps / 4)))
-declare -A gpu=([folded]=${FOLDED_GPU:-0} [folded_gate]=${GATE_GPU:-0} [no_memory]=$baseline_gpu
-                [full_attention]=$baseline_gpu)
+declare -A gpu=([folded]=${FOLDED_GPU:-0} [folded_gate]=${GATE_GPU:-0}
+                [no_memory]=${NO_MEMORY_GPU:-$baseline_gpu} [full_attention]=${FULL_GPU:-$baseline_gpu})
 declare -A extra=(
   [folded]=""
   # not the note's set-up: the optional gate mixes the old memory into the new (docs/design.md)
