@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -229,6 +230,23 @@ def test_bench_memory_on_cpu_and_report(workspace, capsys):
     run("report", workspace / "out_memory", "--metric", "tokens_per_second")
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| metric | value |") and len(table) == 2 + len(speed)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_isolated_memory_point_measures_its_own_peak():
+    """`bench memory --isolate` runs each point in a subprocess; Linux keeps the launching
+    process's RSS high-water mark across fork and exec in ru_maxrss, so the point must read
+    its own (VmHWM), not report the size of whatever launched it."""
+    from foldformer.evaluate.memory import _point_in_subprocess, _status_kib, model_specs
+
+    ballast = torch.ones(100_000_000)  # 400 MB resident in this, the launching, process
+    ballast += 1
+    spec = model_specs(["folded"], d_model=32, n_layers=1, window=8, memory=8)[0]
+    point = _point_in_subprocess(spec, "inference", 64, 1)
+    launcher = _status_kib("VmRSS") * 1024
+    assert 0 < point["baseline_bytes"] <= point["peak_bytes"] < launcher - 300 * 2**20, (
+        point, launcher)  # fmt: skip
+    del ballast
 
 
 def test_mfu_convention_flops():

@@ -9,7 +9,8 @@ Peak memory: on CUDA `torch.cuda.max_memory_allocated` (after `reset_peak_memory
 CPU the peak resident set size of the process during the work, measured on Linux by resetting
 the kernel's high-water mark (``/proc/self/clear_refs``) after returning freed heap memory to
 the system (``malloc_trim``), so each point starts from what is really live; elsewhere each
-point runs in a fresh subprocess and reports its ``ru_maxrss``. Reported: the peak and the
+point runs in a fresh subprocess and reports its own peak (``VmHWM`` where /proc exists,
+``ru_maxrss`` elsewhere). Reported: the peak and the
 peak minus the baseline before the work (weights and interpreter excluded).
 
 On CUDA also model FLOP utilisation: FLOPs per new token × tokens/s over a bf16 matmul rate
@@ -230,7 +231,7 @@ def run_point(
 
 
 def _point_in_subprocess(spec: dict[str, Any], mode: str, length: int, batch: int) -> dict:
-    """A point in a fresh interpreter: its ru_maxrss is the peak of this work alone (plus the
+    """A point in a fresh interpreter: its own peak RSS is that of this work alone (plus the
     interpreter and the model, measured as the baseline before the work)."""
     payload = json.dumps({"spec": spec, "mode": mode, "length": length, "batch": batch})
     proc = subprocess.run(
@@ -244,13 +245,22 @@ def _point_in_subprocess(spec: dict[str, Any], mode: str, length: int, batch: in
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _subprocess_main(payload: str) -> None:
-    import resource
+def _own_peak_bytes() -> int:
+    """This process's peak RSS. On Linux VmHWM: ru_maxrss would also hold the high-water mark
+    of the forked parent before exec (the size of whatever launched the point)."""
+    try:
+        return _status_kib("VmHWM") * 1024
+    except (OSError, RuntimeError):  # no /proc: macOS reports ru_maxrss in bytes
+        import resource
 
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _subprocess_main(payload: str) -> None:
     args = json.loads(payload)
     model = load_bench_model(args["spec"], torch.device("cpu"))
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    baseline = rss_kib * (1 if sys.platform == "darwin" else 1024)
+    baseline = _own_peak_bytes()
     result = run_point(
         model,
         args["mode"],
@@ -259,8 +269,7 @@ def _subprocess_main(payload: str) -> None:
         torch.device("cpu"),
         measure_memory=False,
     )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak *= 1 if sys.platform == "darwin" else 1024
+    peak = _own_peak_bytes()
     result.update(peak_bytes=peak, baseline_bytes=baseline, work_bytes=max(0, peak - baseline))
     print(json.dumps(result))
 
@@ -328,7 +337,7 @@ def bench_memory(
                 point["method"] = (
                     "cuda.max_memory_allocated"
                     if device.type == "cuda"
-                    else "subprocess ru_maxrss"
+                    else "subprocess peak RSS"
                     if isolate
                     else "VmHWM after clear_refs"
                 )
