@@ -87,6 +87,8 @@ def test_baseline_configs_name_every_baseline_with_its_memory():
     configs = baseline_configs(BASE, list(BASELINES))
     assert list(configs) == list(BASELINES)
     assert configs["no_memory"]["memory_len"] == 0
+    assert configs["folded_gate"]["memory_gate"] and not configs["folded"]["memory_gate"]
+    assert configs["folded_gate"]["memory_len"] == configs["folded"]["memory_len"] == 16
     assert configs["full_attention"]["segment_len"] == 10**9
     assert configs["sliding_window"]["memory_len"] == 0 and "fold_in" not in configs["rmt"]
     assert configs["transformer_xl"]["memory_len"] == 16

@@ -28,6 +28,7 @@ FULL_ATTENTION_SEGMENT = 10**9
 # name -> (model_type, what it is); the order is the order of a comparison table.
 BASELINES: dict[str, tuple[str, str]] = {
     "folded": ("folded", "folded context (ours), DESIGN.md §3"),
+    "folded_gate": ("folded", "folded context with the optional memory gate (beyond the note)"),
     "no_memory": ("folded", "m = 0: independent segments of w tokens"),
     "full_attention": ("folded", "one causal attention over the whole sequence"),
     "sliding_window": ("sliding_window", "local attention, window w, no memory"),
@@ -82,7 +83,9 @@ def baseline_configs(
     for name in names:
         model_type = BASELINES[name][0]
         values = dict(base)
-        if name in ("no_memory", "sliding_window", "peer_infini"):
+        if name == "folded_gate":
+            values["memory_gate"] = True
+        elif name in ("no_memory", "sliding_window", "peer_infini"):
             values["memory_len"] = 0
         elif name == "full_attention":
             values.update(memory_len=0, segment_len=FULL_ATTENTION_SEGMENT)
