@@ -17,8 +17,10 @@ offers for the fold:
 
 Before timing, each kernel's output and gradients on one fold are compared with a float64
 reference ("max_error" in the row). `--rows width` times batch widths and sequence lengths
-(the recipe of the seed ECL runs). MFU as in benchmarks/throughput.py (DESIGN.md §6,
-recomputation not counted). The JSON is rewritten after every row.
+(the recipe of the seed ECL runs); `--rows modes` CUDA graphs of the fold step
+(`reduce-overhead`) and Triton matmul templates with fused epilogues (`max-autotune`). MFU as
+in benchmarks/throughput.py (DESIGN.md §6, recomputation not counted). The JSON is rewritten
+after every row.
 """
 
 from __future__ import annotations
@@ -112,16 +114,18 @@ def kernel_error(name: str, batch: int = 64, fold: int = 24, heads: int = 6, dim
     return max((g - r).abs().max().item() for g, r in zip(got, reference, strict=True))
 
 
-def row(name: str, batch: int, seq_len: int, checkpoint: bool, rate: float) -> dict[str, Any]:
+def row(
+    name: str, batch: int, seq_len: int, checkpoint: bool, mode: str, rate: float
+) -> dict[str, Any]:
     config = preset_config("seed", 257)
     start = time.perf_counter()
     out: dict[str, Any] = {"attention": name}
     try:
         out["max_error"] = kernel_error(name)
         with attention_kernel(name):
-            out.update(bench_training(config, batch, seq_len, "default", checkpoint, 3, rate))
+            out.update(bench_training(config, batch, seq_len, mode, checkpoint, 3, rate))
     except Exception as error:  # one kernel failing must not lose the other rows
-        out.update(batch=batch, seq_len=seq_len, checkpoint=checkpoint)
+        out.update(batch=batch, seq_len=seq_len, checkpoint=checkpoint, compile_mode=mode)
         out["error"] = f"{type(error).__name__}: {error}"[:400]
     out["row_seconds"] = time.perf_counter() - start
     torch._dynamo.reset()
@@ -130,24 +134,34 @@ def row(name: str, batch: int, seq_len: int, checkpoint: bool, rate: float) -> d
     return out
 
 
-def settings(which: str) -> list[tuple[str, int, int, bool]]:
-    attention = [
-        (name, 1024, 768, True) for name in ("cudnn", "packed", "math", "flash", "efficient")
-    ]
-    width = [
-        ("packed", 2048, 768, True),
-        ("packed", 256, 1536, True),
-        ("cudnn", 256, 1536, True),
-        ("packed", 128, 1536, True),
-        ("packed", 512, 384, False),
-    ]
-    return {"attention": attention, "width": width, "all": attention + width}[which]
+# (attention, rows, bytes a row, per-fold checkpointing, compile mode), by group
+ROWS: dict[str, list[tuple[str, int, int, bool, str]]] = {
+    "attention": [
+        (name, 1024, 768, True, "default")
+        for name in ("cudnn", "packed", "math", "flash", "efficient")
+    ],
+    "width": [
+        ("packed", 2048, 768, True, "default"),
+        ("packed", 256, 1536, True, "default"),
+        ("cudnn", 256, 1536, True, "default"),
+        ("packed", 128, 1536, True, "default"),
+        ("packed", 512, 384, False, "default"),
+    ],
+    # CUDA graphs of the fold step (for the launch-bound widths), and Triton matmul templates
+    # whose epilogues fuse the element-wise work after them (minutes of autotuning a row)
+    "modes": [
+        ("cudnn", 256, 1536, True, "reduce-overhead"),
+        ("cudnn", 1024, 768, True, "reduce-overhead"),
+        ("cudnn", 1024, 768, True, "max-autotune-no-cudagraphs"),
+    ],
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="results JSON (rewritten after every row)")
-    parser.add_argument("--rows", choices=("attention", "width", "all"), default="all")
+    parser.add_argument("--rows", choices=(*ROWS, "all"), default="all",
+                        help="a group of rows, or all of them in order")  # fmt: skip
     parser.add_argument("--budget", type=float, default=280.0, help="start no row after this")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -160,14 +174,18 @@ def main(argv: list[str] | None = None) -> int:
         "mfu_convention": "DESIGN.md §6; recomputation not counted (benchmarks/throughput.py)",
         "rows": [],
     }
-    for name, batch, seq_len, checkpoint in settings(args.rows):
+    chosen = (
+        [r for group in ROWS.values() for r in group] if args.rows == "all" else ROWS[args.rows]
+    )
+    for name, batch, seq_len, checkpoint, mode in chosen:
         if time.perf_counter() - started > args.budget:
             results["rows"].append({"attention": name, "batch": batch, "seq_len": seq_len,
+                                    "compile_mode": mode,
                                     "skipped": "time budget spent (--budget)"})  # fmt: skip
         else:
-            results["rows"].append(row(name, batch, seq_len, checkpoint, rate))
+            results["rows"].append(row(name, batch, seq_len, checkpoint, mode, rate))
             r = results["rows"][-1]
-            print(f"{name:10s} {batch:5d} x {seq_len:5d} ckpt={checkpoint!s:5s} "
+            print(f"{name:10s} {mode:26s} {batch:5d} x {seq_len:5d} ckpt={checkpoint!s:5s} "
                   f"{r.get('tokens_per_s', 0) / 1e3:8.1f}K tok/s  MFU {r.get('mfu', 0):.3f}  "
                   f"err {r.get('max_error')}  {r.get('error', '')}", flush=True)  # fmt: skip
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

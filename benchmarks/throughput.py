@@ -54,7 +54,8 @@ from foldformer.train import PRESETS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GROUPS = ("seed_train", "base_train", "stream", "profile")
-COMPILE_MODES = ("none", "default", "reduce-overhead")
+# max-autotune-no-cudagraphs: Triton matmul templates with fused epilogues (benchmarks/seed_step.py)
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def sync() -> None:
@@ -446,7 +447,8 @@ class Setting:
         """E.g. "train compiled ckpt", "stream graphs 128K/row" (compile_mode: what ran)."""
         a = self.args
         mode = compile_mode or a.get("compile_mode", "none")
-        mode = {"none": "eager", "default": "compiled", "reduce-overhead": "graphs"}[mode]
+        mode = {"none": "eager", "default": "compiled", "reduce-overhead": "graphs",
+                "max-autotune-no-cudagraphs": "autotuned"}[mode]  # fmt: skip
         if self.kind == "training":
             return f"train {mode}{' ckpt' if a['checkpoint'] else ''}"
         if self.kind == "streaming":
