@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Weak scaling of training under torchrun: the `seed` preset (byte-level, w = m = 12, the
-# preset's 512 rows x 1536 tokens per GPU, 128 folds a step, per-fold checkpointing) on 1, 2
+# Weak scaling of training under torchrun: the `seed` preset (byte-level, w = m = 12) at
+# 512 rows x 1536 tokens per GPU (128 folds a step, per-fold checkpointing) on 1, 2
 # and, when more are visible, all GPUs; then FSDP (`--fsdp true`) on 2 GPUs as one extra row.
 # Every run is `foldformer train` under torchrun (DDP across ranks, a plain process at 1), its
 # tokens/s read from metrics.jsonl.
@@ -79,7 +79,8 @@ else
   counts=(1)
   ((gpus >= 2)) && counts+=(2)
   ((gpus > 2)) && counts+=("$gpus")
-  common=(--preset seed --tokenizer bytes --max-steps 15 --log_every 5)
+  common=(--preset seed --tokenizer bytes --batch_size 512 --seq_len 1536 --max-steps 15
+          --log_every 5)
 fi
 common+=(--data "$data" --cache_dir "$cache" --save_every 0 --eval_every 0 --progress false)
 

@@ -503,7 +503,7 @@ def build_settings(quick: bool, seed_vocab: int, base_vocab: int, profile_dir, t
         train(160, "seed", seed, 256, seed_len, "default", True, 4)
         train(0, "seed", seed, 1024, seed_len, "default", True, 3)
         train(100, "seed", seed, 2048, seed_len, "default", True, 2)
-        # the seed preset's own step: 512 rows x 1536 tokens (128 folds)
+        # 512 rows x 1536 tokens (128 folds): the seed step of round 3 and of scaling.sh
         train(90, "seed", seed, 512, 2 * seed_len, "default", True, 2)
         train(110, "seed", seed, 1024, seed_len, "reduce-overhead", True, 3)
         train(220, "seed", seed, 256, seed_len, "reduce-overhead", False, 3)
