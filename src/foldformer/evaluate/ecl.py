@@ -332,6 +332,13 @@ def ecl_records(
     }
     records = [make_record("ecl", result.ecl, result.ecl_interval, config, extra, device)]
     control = result.extra.get("control")
+    control_series = [] if not control else [
+        ("loss_at_unrelated_context", control["mean_loss"], control["loss_interval"],
+         {"unit": "nats/token", "context": "another target's, another document"}),
+        ("context_content_gain", control["content_gain"], control["content_interval"],
+         {"unit": "nats/token",
+          "definition": "loss_d(unrelated context) - loss_d(own context)"}),
+    ]  # fmt: skip
     for i, point in enumerate(curve):
         point_config = {**config, "eval": {**config.get("eval", {}), "distance": point["distance"]}}
         records.append(
@@ -344,29 +351,9 @@ def ecl_records(
                 device,
             )
         )
-        if control:
+        for metric, values, intervals, extra in control_series:
             records.append(
-                make_record(
-                    "loss_at_unrelated_context",
-                    control["mean_loss"][i],
-                    control["loss_interval"][i],
-                    point_config,
-                    {"unit": "nats/token", "context": "another target's, another document"},
-                    device,
-                )
-            )
-            records.append(
-                make_record(
-                    "context_content_gain",
-                    control["content_gain"][i],
-                    control["content_interval"][i],
-                    point_config,
-                    {
-                        "unit": "nats/token",
-                        "definition": "loss_d(unrelated context) - loss_d(own context)",
-                    },
-                    device,
-                )  # fmt: skip
+                make_record(metric, values[i], intervals[i], point_config, extra, device)
             )
     return records
 
