@@ -140,6 +140,18 @@ def test_validation_runs_on_held_out_data(tmp_path):
     assert summary["final_val_loss"] == val[-1]
 
 
+def test_a_run_stopped_by_its_time_guard_is_validated_at_its_last_step(tmp_path):
+    run = small_run([str(BOOKS / "pg35.txt")], cache_dir=str(tmp_path / "c"), max_steps=50,
+                    eval_every=40, eval_batches=1, max_minutes=1e-9)  # fmt: skip
+    run.data.val = [str(BOOKS / "pg2500.txt")]
+    summary = train(run, tmp_path / "run")
+    assert summary["steps"] == 1  # the guard is checked after every step
+    val = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    assert [r["step"] for r in val] == [1]
+    assert summary["final_val_loss"] == val[-1]["val_loss"]
+    assert (tmp_path / "run" / "final").is_dir()
+
+
 def test_validation_runs_in_the_training_micro_batches(tmp_path):
     """Validation splits each batch like the training step (grad_accum): the full batch at once
     may not fit where training does; the loss is the same mean of micro-batch means."""

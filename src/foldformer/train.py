@@ -651,16 +651,21 @@ def train(
                     )
             if progress is not None:
                 progress.update(1)
+            # a run stopped by its time guard is validated at its last step too, so that
+            # final_val_loss is the final model's
+            stopping = bool(cfg.max_minutes) and out_of_time(
+                started, cfg.max_minutes, world_size, device
+            )
             if (
                 val_specs
                 and cfg.eval_every
-                and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+                and (step % cfg.eval_every == 0 or step == cfg.max_steps or stopping)
             ):
                 val_loss = validate(
                     model, val_specs, source_args, cfg, device, world_size, stateful, forward_args
                 )
                 logger.log({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step})
-            if cfg.max_minutes and out_of_time(started, cfg.max_minutes, world_size, device):
+            if stopping:
                 if is_main:
                     print(f"\nstopping at step {step}: max_minutes={cfg.max_minutes} reached")
                 break
