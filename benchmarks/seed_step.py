@@ -1,7 +1,7 @@
 """The `seed` training step (w = m = 12: 24-position folds) by attention kernel and batch width.
 
     PYTHONPATH=src python benchmarks/seed_step.py --out seed_step.json \\
-        [--rows attention|width|all] [--budget SECONDS]
+        [--rows attention|width|modes|all] [--pick I ...] [--budget SECONDS]
 
 The profile of the seed step (docs/results.md) puts a fifth of the GPU time in cuDNN's fused
 attention on 24 positions: its tiles are 64-128 queries wide, so most of each tile is padding.
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="results JSON (rewritten after every row)")
     parser.add_argument("--rows", choices=(*ROWS, "all"), default="all",
                         help="a group of rows, or all of them in order")  # fmt: skip
+    parser.add_argument("--pick", type=int, nargs="+", metavar="I",
+                        help="only these rows of the chosen rows, counted from 0")  # fmt: skip
     parser.add_argument("--budget", type=float, default=280.0, help="start no row after this")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -177,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     chosen = (
         [r for group in ROWS.values() for r in group] if args.rows == "all" else ROWS[args.rows]
     )
+    if args.pick:
+        wrong = [i for i in args.pick if not 0 <= i < len(chosen)]
+        if wrong:
+            parser.error(f"--pick {wrong}: --rows {args.rows} has rows 0 to {len(chosen) - 1}")
+        chosen = [chosen[i] for i in args.pick]
     for name, batch, seq_len, checkpoint, mode in chosen:
         if time.perf_counter() - started > args.budget:
             results["rows"].append({"attention": name, "batch": batch, "seq_len": seq_len,

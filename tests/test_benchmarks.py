@@ -201,3 +201,22 @@ def test_packed_fold_attention_keeps_every_row_to_itself(monkeypatch):
     torch.testing.assert_close(
         seed_step.packed_causal_attention(q, k, v), causal_attention(q, k, v)
     )
+
+
+def test_seed_step_picks_rows_and_names_a_wrong_pick(monkeypatch, tmp_path, capsys):
+    """`seed_step.py --rows modes --pick 2` reruns one row of a group (as its results record)."""
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    seed_step = load("seed_step")
+    ran = []
+    monkeypatch.setattr(seed_step, "matmul_rate", lambda: 1.0)
+    monkeypatch.setattr(seed_step, "row", lambda *args: ran.append(args[:5]) or {"mfu": 0.5})
+    out = tmp_path / "modes.json"
+    assert seed_step.main(["--rows", "modes", "--pick", "2", "0", "--out", str(out)]) == 0
+    modes = seed_step.ROWS["modes"]
+    assert ran == [modes[2], modes[0]]
+    assert [r["mfu"] for r in json.loads(out.read_text())["rows"]] == [0.5, 0.5]
+    with pytest.raises(SystemExit):
+        seed_step.main(["--rows", "modes", "--pick", "3", "--out", str(out)])
+    assert "--pick [3]: --rows modes has rows 0 to 2" in capsys.readouterr().err
