@@ -94,10 +94,10 @@ def test_copy_and_passkey_layout():
     assert payload == copy and len(payload) == 15
     passkey = PasskeyTask(2, segment_len=16, n_folds=64, seed=1).next_batch()
     text = tok.decode(passkey.input_ids[0]).rstrip("\x00")
-    key = text[-5:]
+    key = text[-6:-1]
     assert key.isdigit() and f"The pass key is {key}. Remember it." in text
-    assert text[:-6].endswith("What is the pass key? The pass key is")
-    assert tok.decode([t for t in passkey.labels[0].tolist() if t != IGNORE_INDEX]) == " " + key
+    assert text[:-7].endswith("What is the pass key? The pass key is")
+    assert tok.decode([t for t in passkey.labels[0].tolist() if t != IGNORE_INDEX]) == f" {key}."
     assert passkey.input_ids.shape[1] <= 64 * 16 + 16
 
 

@@ -90,3 +90,17 @@ def test_evaluation_grid_and_records():
         low, high = record["interval"]
         assert 0 <= low <= record["value"] <= high <= 1
     assert records[-1]["metric"] == "passkey_accuracy_overall"
+
+
+def test_batching_all_depths_together_changes_no_answer():
+    """Streaming every prompt of a length in one batch (the fast path for long lengths) gives
+    each prompt exactly the text it gets streamed alone, for a gated model with a partial
+    last fold."""
+    torch.manual_seed(0)
+    config = FoldedConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, segment_len=16,
+                          memory_len=16, memory_gate=True, gate_activation="clamp_st")  # fmt: skip
+    model = FoldedTransformer(config).eval()
+    args = (model, TOKENIZER, [300], [0.0, 0.5, 1.0])
+    together = evaluate_passkey(*args, samples=4, batch_size=12, progress=False)
+    alone = evaluate_passkey(*args, samples=4, batch_size=1, progress=False)
+    assert [c.outputs for c in together] == [c.outputs for c in alone]

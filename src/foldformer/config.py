@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 FOLD_IN_VARIANTS = ("norm", "norm_linear", "none")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("gelu", "swiglu", "relu")
+GATE_ACTIVATIONS = ("sigmoid", "hardsigmoid", "clamp_st")
 
 T = TypeVar("T", bound="JsonConfig")
 
@@ -88,6 +89,13 @@ class FoldedConfig(JsonConfig):
     # Beyond the note (off = the note's plain fold): the next memory is a learned per-channel
     # mix g * old + (1 - g) * new of the old memory and the fold's last m final states.
     memory_gate: bool = False
+    # The gate's squashing function: "sigmoid" never reaches 1, so what it keeps decays as g^k
+    # over k folds; "hardsigmoid" (exactly 0 or 1 past |x| >= 3) and "clamp_st" (a sigmoid
+    # stretched by 10% and clamped to [0, 1], with the sigmoid's gradient passed straight
+    # through the clamp) can hold a channel unchanged over any number of folds
+    # (docs/retrieval.md).
+    gate_activation: str = "sigmoid"
+    gate_bias: float = 0.0  # initial gate bias: 0 = half old, half new
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len"):
@@ -131,6 +139,10 @@ class FoldedConfig(JsonConfig):
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         _check(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base!r}")
         _check(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+        _check(
+            self.gate_activation in GATE_ACTIVATIONS,
+            f"gate_activation={self.gate_activation!r} is not one of {GATE_ACTIVATIONS}",
+        )
         _check(
             not (self.memory_gate and self.memory_len > self.segment_len),
             f"memory_gate needs memory_len <= segment_len (the gated rows are new states), got "

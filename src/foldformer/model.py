@@ -219,21 +219,43 @@ class Block(nn.Module):
         return x, k, v
 
 
+def clamped_stretched_sigmoid(x: Tensor, stretch: float = 0.1) -> Tensor:
+    """clamp((1 + 2s) sigmoid(x) - s, 0, 1) forward, so g is exactly 0 or 1 once sigmoid(x) is
+    within s/(1 + 2s) of either end; backward: the gradient of the unclamped stretch, so a gate
+    held shut or open still learns (straight-through, Bengio et al. 2013)."""
+    soft = (1 + 2 * stretch) * torch.sigmoid(x) - stretch
+    return soft + (soft.clamp(0, 1) - soft).detach()
+
+
+GATE_ACTIVATIONS = {
+    "sigmoid": torch.sigmoid,
+    "hardsigmoid": F.hardsigmoid,
+    "clamp_st": clamped_stretched_sigmoid,
+}
+
+
 class MemoryGate(nn.Module):
     """Optional (not in the note): mix the old memory into the new one, LSTM-style.
 
-    g = sigmoid(W [norm(old); norm(new)] + b) per channel; next = g * old + (1 - g) * new.
-    A convex mix of two bounded states stays bounded, so invariant 3 holds.
+    g = act(W [norm(old); norm(new)] + b) per channel; next = g * old + (1 - g) * new.
+    A convex mix of two bounded states stays bounded, so invariant 3 holds. act is a sigmoid
+    (g < 1: kept content decays as g^k) or one that reaches g = 1 and so holds a channel
+    exactly: the hard sigmoid, or a clamped stretched sigmoid (clamp_st).
     """
 
     def __init__(self, config: FoldedConfig):
         super().__init__()
         self.norm_old, self.norm_new = make_norm(config), make_norm(config)
         self.linear = nn.Linear(2 * config.d_model, config.d_model)
+        self.activation = GATE_ACTIVATIONS[config.gate_activation]
+
+    def gate(self, old: Tensor, new: Tensor) -> Tensor:
+        """g (B, m, d): the share of the old memory kept, per row and channel."""
+        gate_in = torch.cat([self.norm_old(old), self.norm_new(new)], dim=-1)
+        return self.activation(self.linear(gate_in.to(self.linear.weight.dtype))).to(new.dtype)
 
     def forward(self, old: Tensor, new: Tensor) -> Tensor:
-        gate_in = torch.cat([self.norm_old(old), self.norm_new(new)], dim=-1)
-        gate = torch.sigmoid(self.linear(gate_in.to(self.linear.weight.dtype))).to(new.dtype)
+        gate = self.gate(old, new)
         return gate * old.to(new.dtype) + (1 - gate) * new
 
 
@@ -356,7 +378,8 @@ class FoldedTransformer(StreamingLM):
         if self.fold_in.linear is not None:
             nn.init.eye_(self.fold_in.linear.weight)
         if self.memory_gate is not None:
-            nn.init.zeros_(self.memory_gate.linear.bias)  # g = 0.5: half old, half new
+            # bias 0: g = 0.5, half old, half new
+            nn.init.constant_(self.memory_gate.linear.bias, self.config.gate_bias)
         if self.config.learned_initial_memory:
             nn.init.normal_(self.initial_memory, std=1.0)
 
