@@ -1,7 +1,8 @@
 """The `foldformer` command.
 
 Each command group lives in its own module and registers itself through a function
-``add_commands(subparsers)``; this file only assembles them.
+``add_commands(subparsers)``; this file only assembles them. All argparse code lives in
+this package.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from foldformer import __version__
 
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "foldformer.train",
-    "foldformer.evaluate.cli",
-    "foldformer.demo",
-    "foldformer.compare",
-    "foldformer.data.cli",
+    "foldformer.cli.train",
+    "foldformer.cli.evaluate",
+    "foldformer.cli.demo",
+    "foldformer.cli.compare",
+    "foldformer.cli.data",
 )
 
 
@@ -96,7 +97,3 @@ def console(argv: list[str] | None = None) -> int:
             raise
         print(f"foldformer: error: {error}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(console())
