@@ -97,3 +97,8 @@ def console(argv: list[str] | None = None) -> int:
             raise
         print(f"foldformer: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as error:  # Ctrl-C; a training run says where it saved
+        if os.environ.get("FOLDFORMER_DEBUG"):
+            raise
+        print(f"\nfoldformer: {error or 'interrupted'}", file=sys.stderr)
+        return 130
