@@ -100,5 +100,5 @@ def console(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as error:  # Ctrl-C; a training run says where it saved
         if os.environ.get("FOLDFORMER_DEBUG"):
             raise
-        print(f"\nfoldformer: {error or 'interrupted'}", file=sys.stderr)
+        print(f"\nfoldformer: {str(error) or 'interrupted'}", file=sys.stderr)
         return 130

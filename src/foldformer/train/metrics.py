@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     """Keep the records up to `step` (a resumed run logs the later ones again), and drop a
-    line a kill cut short."""
+    line a kill cut short; returns the records kept."""
     if not path.is_file():
-        return
-    kept = []
+        return []
+    kept, records = [], []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
@@ -21,9 +21,11 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
+            records.append(record)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
+    return records
 
 
 class MetricLogger:
@@ -36,8 +38,9 @@ class MetricLogger:
         self.writer = None
         if not enabled:
             return
-        if resume_step is not None:
-            truncate_metrics(out_dir / "metrics.jsonl", resume_step)
+        if resume_step is not None:  # the summary's last loss, should no step follow
+            for record in truncate_metrics(out_dir / "metrics.jsonl", resume_step):
+                self.last.update(record)
         self.file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -32,7 +32,12 @@ from torch import nn
 
 from foldformer.config import ConfigError
 from foldformer.models import build_model
-from foldformer.train.checkpoint import COMPLETE, RESUME_FILES, Checkpointer
+from foldformer.train.checkpoint import (
+    COMPLETE,
+    RESUME_FILES,
+    Checkpointer,
+    find_resume_checkpoint,
+)
 from foldformer.train.config import RunConfig, TrainConfig
 from foldformer.train.metrics import MetricLogger, progress_bar
 from foldformer.train.optim import apply_hyperparameters, make_optimizer, make_scheduler
@@ -109,6 +114,8 @@ class Trainer:
         self.run, self.cfg = run, run.train
         cfg = self.cfg
         self.out_dir = check_writable(Path(out_dir))
+        if resume is not None:  # a checkpoint to resume from exists, before any work
+            find_resume_checkpoint(resume)
         self.rank, self.world_size, self.device = setup_distributed(cfg.device)
         self.is_main = self.rank == 0
         if self.device.type == "cuda" and cfg.memory_fraction > 0:
