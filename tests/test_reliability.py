@@ -46,17 +46,21 @@ def one_line_error(capsys, args: list[str]) -> str:
         ("--warmup_steps", "-1", "warmup_steps must be an integer >= 0, got -1"),
         ("--min_lr_ratio", "5", "min_lr_ratio must be in [0, 1], got 5.0"),
         ("--weight_decay", "-0.1", "weight_decay must be in [0, inf], got -0.1"),
-        ("--beta2", "1.5", "beta2 must be in [0, 1], got 1.5"),
+        ("--beta2", "1.5", "beta2 must be in [0, 1), got 1.5"),
+        ("--beta1", "1", "beta1 must be in [0, 1), got 1.0"),
         ("--lr", "abc", "train.lr='abc' is not a finite float"),
         ("--lr", "nan", "train.lr='nan' is not a finite float"),
-        ("--seed", "abc", "train.seed='abc' is not a finite int"),
-        ("--batch_size", "1.5", "train.batch_size='1.5' is not a finite int"),
-        ("--progress", "maybe", "train.progress='maybe' is not a finite bool"),
-        ("--memory_gate", "2", "model.memory_gate='2' is not a finite bool"),
+        ("--seed", "abc", "train.seed='abc' is not an int"),
+        ("--batch_size", "1.5", "train.batch_size='1.5' is not an int"),
+        ("--progress", "maybe", "train.progress='maybe' is not a bool"),
+        ("--memory_gate", "2", "model.memory_gate='2' is not a bool"),
         ("--device", "gpu", "device='gpu' is not a device"),
         ("--device", "cuda:99", "device='cuda:99'"),
         ("--train.lr", "x", "train.lr='x' is not a finite float"),
         ("--d_modle", "64", "unknown option --d_modle"),
+        ("--precision", "fp16", "precision='fp16' is not one of auto, fp32, bf16"),
+        ("--max_minutes", "-1", "max_minutes must be in [0, inf], got -1.0"),
+        ("--grad_clip", "-1", "grad_clip must be in [0, inf], got -1.0"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_it(tmp_path, capsys, option, value, message):
@@ -70,7 +74,7 @@ def test_values_are_parsed_by_type():
     assert run.train.progress is False and run.train.compile is True and run.train.lr == 3e-4
     assert run.model["memory_gate"] is False and run.model["d_ff"] is None
     assert run.data.train == ["a.txt", "b.txt"]
-    with pytest.raises(ConfigError, match=r"train.max_steps=True is not a finite int"):
+    with pytest.raises(ConfigError, match=r"train.max_steps=True is not an int"):
         load_run_config(overrides={"max_steps": True})
 
 
@@ -96,6 +100,17 @@ def test_a_bad_config_file_is_one_line(tmp_path, capsys, name, text, message):
     (tmp_path / name).write_text(text)
     err = one_line_error(capsys, ["train", str(tmp_path / name), "--out", str(tmp_path / "r")])
     assert message in err
+
+
+def test_compare_reads_its_config_file_the_same_way(tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text("[train]\nlr = = 1\n")
+    err = one_line_error(capsys, ["compare", str(tmp_path / "bad.toml"), "--out", str(tmp_path)])
+    assert "bad.toml is not valid TOML" in err
+
+
+def test_an_option_without_its_value_is_one_line(tmp_path, capsys):
+    err = one_line_error(capsys, ["train", "--out", str(tmp_path), "--train.lr"])
+    assert "option --train.lr needs a value" in err
 
 
 def test_an_unwritable_out_is_found_before_any_work(tmp_path, capsys):

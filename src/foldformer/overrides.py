@@ -56,6 +56,10 @@ def type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def parse_value(tp: Any, value: Any, where: str) -> Any:
     """`value` (a command-line string, a file's value or a Python one) as type `tp`."""
     given = value
@@ -72,7 +76,8 @@ def parse_value(tp: Any, value: Any, where: str) -> Any:
         if isinstance(parsed, float) and not math.isfinite(parsed):
             raise ValueError
     except (ValidationError, ValueError):
-        raise ConfigError(f"{where}={given!r} is not a finite {type_name(tp)}") from None
+        kind = type_name(tp).replace("float", "finite float")
+        raise ConfigError(f"{where}={given!r} is not {_article(kind)} {kind}") from None
     return parsed
 
 
@@ -101,7 +106,7 @@ def resolve_key(key: str, sections: dict[str, type]) -> tuple[str, str]:
             return found[0], key
         if len(found) > 1:
             raise ConfigError(f"--{key} is ambiguous: write one of {[f'{s}.{key}' for s in found]}")
-    raise ConfigError(f"unknown option --{key}: not a field of the {', '.join(sections)} config")
+    raise ConfigError(f"unknown option --{key}: no field of that name in {', '.join(sections)}")
 
 
 def apply_overrides(

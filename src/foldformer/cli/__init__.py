@@ -13,6 +13,7 @@ import importlib.util
 import sys
 
 from foldformer import __version__
+from foldformer.config import ConfigError
 
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
@@ -60,6 +61,27 @@ def split_overrides(
             kept.append(token)
             i += 1
     return kept, overrides
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """`--key value` and `--key=value` pairs left over by argparse: config overrides, the one
+    syntax of `train` and `compare` (values parsed by type in foldformer.overrides)."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            raise ConfigError(f"unexpected argument {item!r}: overrides are --key value")
+        if "=" in item:
+            key, value = item[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(extra):
+                raise ConfigError(f"option {item} needs a value")
+            key, value = item[2:], extra[i + 1]
+            i += 2
+        overrides[key] = value
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from foldformer.cli import parse_overrides
 from foldformer.compare import load_compare_config, run_comparison
 from foldformer.config import ConfigError
+from foldformer.overrides import read_config_file
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +37,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override a config value, e.g. train.max_steps=100 or overrides.rmt.memory_len=8",
+        help="override a config value, e.g. train.max_steps=100 or overrides.rmt.memory_len=8 "
+        "(also as train's syntax: --train.max_steps 100)",
     )
     parser.add_argument(
         "--threads",
@@ -44,7 +47,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="torch CPU threads (default 1 on CPU: small models run fastest on one thread)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(handler=_run_compare)
+    parser.set_defaults(handler=_run_compare, accepts_overrides=True, subparser=parser)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -59,13 +62,14 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--device", args.device]
     for item in args.set:
         parts += ["--set", item]
+    parts += getattr(args, "extra", [])
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     return shlex.join(str(p) for p in parts)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = parse_overrides(getattr(args, "extra", []))
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -81,6 +85,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         overrides["train.device"] = args.device
     if args.no_progress:
         overrides["train.progress"] = False
+    read_config_file(args.config)  # a syntax error: one line naming the file
     config = load_compare_config(args.config, overrides)
     command = command_line(args)
     device = config.train.device

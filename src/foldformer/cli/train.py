@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 
-from foldformer.config import ConfigError
+from foldformer.cli import parse_overrides
 from foldformer.models import MODEL_TYPES
 from foldformer.overrides import field_comments, field_types, type_name
 from foldformer.presets import PRESETS
@@ -71,26 +71,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_options(parser)
     parser.set_defaults(handler=_run_train, accepts_overrides=True, subparser=parser)
-
-
-def parse_overrides(extra: list[str]) -> dict[str, str]:
-    """`--key value` and `--key=value` pairs left over by argparse (another model's fields)."""
-    overrides: dict[str, str] = {}
-    i = 0
-    while i < len(extra):
-        item = extra[i]
-        if not item.startswith("--"):
-            raise ConfigError(f"unexpected argument {item!r}: overrides are --key value")
-        if "=" in item:
-            key, value = item[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(extra):
-                raise ConfigError(f"option {item} needs a value")
-            key, value = item[2:], extra[i + 1]
-            i += 2
-        overrides[key] = value
-    return overrides
 
 
 def _run_train(args: argparse.Namespace) -> int:

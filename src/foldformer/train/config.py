@@ -52,6 +52,7 @@ class TrainConfig(JsonConfig):
     progress: bool = True  # a progress bar
 
     def __post_init__(self) -> None:
+        _parse_fields(self, "train")
         positive = ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_batches", "log_every")
         at_least_zero = ("warmup_steps", "bptt", "eval_every", "save_every", "keep_checkpoints")
         for name in positive + at_least_zero:
@@ -70,8 +71,6 @@ class TrainConfig(JsonConfig):
         ranges = {
             "min_lr_ratio": (0, 1),
             "memory_fraction": (0, 1),
-            "beta1": (0, 1),
-            "beta2": (0, 1),
             "weight_decay": (0, float("inf")),
             "grad_clip": (0, float("inf")),
             "max_minutes": (0, float("inf")),
@@ -79,6 +78,9 @@ class TrainConfig(JsonConfig):
         for name, (low, high) in ranges.items():
             if not low <= getattr(self, name) <= high:
                 raise ConfigError(f"{name} must be in [{low}, {high}], got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):  # AdamW's averages need a factor below 1
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         check_device_name(self.device)
 
 
@@ -106,6 +108,15 @@ class DataConfig(JsonConfig):
     val: list[str] = field(default_factory=list)  # validation data specs
     tokenizer: str = "bytes"  # "bytes", a tokenizer.json, or a directory holding one
     cache_dir: str = ""  # token cache; default ~/.cache/foldformer
+
+    def __post_init__(self) -> None:
+        _parse_fields(self, "data")
+
+
+def _parse_fields(config, section: str) -> None:
+    """Each field by its type, however the dataclass was built (file, command line, Python)."""
+    for name, value in typed(type(config), vars(config), section).items():
+        setattr(config, name, value)
 
 
 def model_config_class(model_type: str) -> type:
@@ -146,8 +157,8 @@ class RunConfig:
         model = typed(model_config_class(model.get("model_type", "folded")), model, "model")
         return cls(
             model=model,
-            train=TrainConfig.from_dict(typed(TrainConfig, values.get("train", {}), "train")),
-            data=DataConfig.from_dict(typed(DataConfig, values.get("data", {}), "data")),
+            train=TrainConfig.from_dict(values.get("train", {})),
+            data=DataConfig.from_dict(values.get("data", {})),
             resumes=list(values.get("resumes", [])),
         )
 
