@@ -1,8 +1,5 @@
 """Named starting points for a run (`foldformer train --preset NAME`): a model shape and its
-training settings. Kept apart from the trainer, so benchmarks get a shape without importing it.
-
-presets/seed_bpe8192.json is a byte-level BPE trained on the pg training authors (for
-`--tokenizer`)."""
+training settings. Kept apart from the trainer, so benchmarks get a shape without importing it."""
 
 from __future__ import annotations
 

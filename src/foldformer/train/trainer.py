@@ -286,51 +286,50 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Steps until max_steps (or max_minutes, or Ctrl-C), validating and saving on the
         way; returns the summary."""
-        cfg = self.cfg
-        self.logger = MetricLogger(
-            self.out_dir, enabled=self.is_main, resume_step=self.step if self.resumed else None
-        )
-        self.progress = progress_bar(cfg.progress and self.is_main, cfg.max_steps, self.step)
-        self.val_loss = None
-        started = self.last_log = time.time()
-        self.last_log_step = self.step
+        cfg, started = self.cfg, time.time()
+        self.open_metrics()
         try:
             with interrupt_flag() as interrupted:
                 while self.step < cfg.max_steps:
                     self.log_step(self.train_step(self.source.next_batch()))
                     late = bool(cfg.max_minutes) and time.time() - started > 60 * cfg.max_minutes
-                    stop, stopping = any_rank(
+                    stop, late = any_rank(
                         [interrupted.is_set(), late], self.world_size, self.device
                     )
                     if stop:
                         raise self.interrupt()
-                    # a run stopped by its time guard is validated at its last step too, so
-                    # that final_val_loss is the final model's
-                    if (
-                        self.val_specs
-                        and cfg.eval_every
-                        and (
-                            self.step % cfg.eval_every == 0
-                            or self.step == cfg.max_steps
-                            or stopping
-                        )
-                    ):
+                    # the time guard's last step is validated too: final_val_loss is the final model's
+                    if self.val_specs and cfg.eval_every and (self.every(cfg.eval_every) or late):
                         self.validate()
-                    if stopping:
+                    if late:
                         if self.is_main:
-                            print(f"\nstopping at step {self.step}: max_minutes={cfg.max_minutes}")
+                            print(
+                                f"\nstopping at step {self.step}: max_minutes={cfg.max_minutes} reached"
+                            )
                         break
-                    if (
-                        cfg.save_every
-                        and self.step % cfg.save_every == 0
-                        and self.step < cfg.max_steps
-                    ):
+                    if cfg.save_every and self.every(cfg.save_every) and self.step < cfg.max_steps:
                         self.save()
         finally:
-            if self.progress is not None:
-                self.progress.close()
-            self.logger.close()
+            self.close_metrics()
         return self.finish()
+
+    def every(self, n: int) -> bool:
+        """Every n steps, and at the last."""
+        return self.step % n == 0 or self.step == self.cfg.max_steps
+
+    def open_metrics(self) -> None:
+        resume_step = self.step if self.resumed else None
+        self.logger = MetricLogger(self.out_dir, enabled=self.is_main, resume_step=resume_step)
+        self.progress = progress_bar(
+            self.cfg.progress and self.is_main, self.cfg.max_steps, self.step
+        )
+        self.val_loss = None
+        self.last_log, self.last_log_step = time.time(), self.step
+
+    def close_metrics(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.logger.close()
 
     def log_step(self, result: StepResult) -> None:
         cfg, step = self.cfg, self.step
