@@ -224,6 +224,18 @@ def test_resume_changes_hyperparameters_only_when_allowed_and_records_them(
     assert metrics[5]["lr"] == pytest.approx(0.01 * lr_factor(5, cfg))  # the new peak
 
 
+def test_a_checkpoint_written_before_complete_json_resumes_when_named(finished_run, tmp_path):
+    """Checkpoints of 4ef0180 and before: no complete.json, no run config in trainer_state."""
+    out = copy_run(finished_run, tmp_path)
+    old = out / "checkpoints" / "step_00000004"
+    (old / "complete.json").unlink()
+    state = json.loads((old / "trainer_state.json").read_text())
+    del state["run"]
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    assert run_cli(out, "--resume", str(old), steps=6) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
 def test_a_resume_may_run_longer(finished_run, tmp_path):
     """max_steps, validation, saving and logging are not hyper-parameters of the weights."""
     out = copy_run(finished_run, tmp_path)
