@@ -26,11 +26,9 @@ from foldformer.data.tokenizers import (
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-BOOKS = DATA / "books"
-needs_books = pytest.mark.skipif(not BOOKS.is_dir(), reason="shared/data/books not present")
+BOOKS = Path(__file__).resolve().parent / "fixtures" / "books"  # excerpts, headers kept
 
 
-@needs_books
 def test_gutenberg_books_are_normalised():
     raw = (BOOKS / "pg84.txt").read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw and b"*** START OF" in raw

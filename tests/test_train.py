@@ -18,7 +18,7 @@ from foldformer.cli import main as cli_main
 from foldformer.config import ConfigError
 from foldformer.train import load_run_config, lr_factor, train
 
-BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books"
+BOOKS = Path(__file__).resolve().parent / "fixtures" / "books"  # excerpts of three books
 SMALL_MODEL = dict(model_type="folded", d_model=32, n_layers=2, n_heads=4, segment_len=8,
                    memory_len=8)  # fmt: skip
 

@@ -10,7 +10,9 @@ each followed by the end-of-document token, into one flat array on disk::
 The key hashes the specs (resolved paths with the size and mtime of every file they cover),
 the document options and the tokenizer's serialized content, so editing a file or changing the
 tokenizer builds a new cache while an unchanged corpus is opened instantly. A cache is built in
-a temporary folder and renamed into place, so an interrupted build never leaves a half cache.
+a temporary folder and renamed into place, so an interrupted build never leaves a half cache;
+the folder is named after its host and process, and the next build removes those of processes
+that are gone (killed mid-build).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +118,30 @@ def _spec_fingerprint(spec: str) -> dict:
     return {"path": str(path.resolve()), "options": options, "files": stats}
 
 
+# .KEY.tmp-HOST-PID-RANDOM: a build in progress, or one whose process was killed
+BUILD_NAME = re.compile(r"\.[0-9a-f]+\.tmp-(?P<host>.+)-(?P<pid>\d+)-\w+")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_builds(cache_dir: Path) -> None:
+    """The temporary folders of builds on this host whose process is gone. (Another host's,
+    on a shared disk, cannot be told from a live one and stay.)"""
+    host = socket.gethostname()
+    for path in cache_dir.glob(".*.tmp-*"):
+        match = BUILD_NAME.fullmatch(path.name)
+        if match and match["host"] == host and not _alive(int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def cache_key(specs: list[str], tokenizer: Tokenizer, document_options: dict) -> str:
     """The hash under which this corpus + tokenizer is cached."""
     fingerprint = getattr(tokenizer, "fingerprint", None)
@@ -159,7 +187,9 @@ def tokenize_corpus(
         raise DataError(f"vocab_size {tokenizer.vocab_size} does not fit uint32 token ids")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_dir))
+    remove_stale_builds(cache_dir)
+    prefix = f".{key}.tmp-{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=cache_dir))
     try:
         names, starts, offset = [], [], 0
         encode_array = getattr(tokenizer, "encode_array", None)

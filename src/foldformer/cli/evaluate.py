@@ -66,4 +66,18 @@ def add_commands(subparsers) -> None:
     report.add_argument("results", nargs="+", help="JSON files or folders of them")
     report.add_argument("--metric", nargs="*", help="only these metrics")
     report.add_argument("--out", default=None, help="write the table here instead of stdout")
-    report.set_defaults(handler=_lazy("foldformer.evaluate.records", "report_command"))
+    report.set_defaults(handler=_report)
+
+
+def _report(args) -> int:
+    """A file that is not a result record (a run's config.json, say) is one line naming it."""
+    from foldformer.config import ConfigError
+    from foldformer.evaluate.records import report_command
+
+    try:
+        return report_command(args)
+    except ValueError as error:
+        raise ConfigError(
+            f"{error} (report reads result records: what `foldformer eval`, `bench` and "
+            "`compare` write)"
+        ) from None

@@ -1,7 +1,8 @@
 """The `foldformer` command.
 
 Each command group lives in its own module and registers itself through a function
-``add_commands(subparsers)``; this file only assembles them.
+``add_commands(subparsers)``; this file only assembles them. All argparse code lives in
+this package.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import importlib.util
 import sys
 
 from foldformer import __version__
+from foldformer.config import ConfigError
 
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "foldformer.train",
-    "foldformer.evaluate.cli",
-    "foldformer.demo",
-    "foldformer.compare",
-    "foldformer.data.cli",
+    "foldformer.cli.train",
+    "foldformer.cli.evaluate",
+    "foldformer.cli.demo",
+    "foldformer.cli.compare",
+    "foldformer.cli.data",
 )
 
 
@@ -61,6 +63,27 @@ def split_overrides(
     return kept, overrides
 
 
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """`--key value` and `--key=value` pairs left over by argparse: config overrides, the one
+    syntax of `train` and `compare` (values parsed by type in foldformer.overrides)."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            raise ConfigError(f"unexpected argument {item!r}: overrides are --key value")
+        if "=" in item:
+            key, value = item[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(extra):
+                raise ConfigError(f"option {item} needs a value")
+            key, value = item[2:], extra[i + 1]
+            i += 2
+        overrides[key] = value
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -96,7 +119,8 @@ def console(argv: list[str] | None = None) -> int:
             raise
         print(f"foldformer: error: {error}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(console())
+    except KeyboardInterrupt as error:  # Ctrl-C; a training run says where it saved
+        if os.environ.get("FOLDFORMER_DEBUG"):
+            raise
+        print(f"\nfoldformer: {str(error) or 'interrupted'}", file=sys.stderr)
+        return 130

@@ -1,0 +1,86 @@
+"""One process or several under torchrun: the device, the process group, DDP or FSDP2."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from foldformer.config import ConfigError
+from foldformer.train.config import check_device_name
+
+
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The device `name` means here, with an explicit CUDA index (several torch.cuda calls
+    require one); a device this machine lacks is a ConfigError naming it."""
+    check_device_name(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r}: this machine has no CUDA device; use cpu")
+        if device.index is None:
+            index = local_rank if world_size > 1 else torch.cuda.current_device()
+            device = torch.device("cuda", index)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r}: MPS is not available on this machine")
+    return device
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initialises the process group under torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank, world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def wrap_distributed(model: nn.Module, sharded: bool, device: torch.device) -> nn.Module:
+    """FSDP2 (each block, then the whole model, sharded over the ranks) or DDP."""
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    # The initial memory gets a gradient only in steps where some row resets.
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+    )
+
+
+def full_state_dict_options():
+    """Whole tensors gathered to the CPU: FSDP2 models save and load in the unsharded format
+    every other run uses."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def any_rank(flags: list[bool], world_size: int, device: torch.device) -> list[bool]:
+    """Each flag true on every rank when it is true on one: every rank stops at the same step."""
+    if world_size == 1:
+        return flags
+    values = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
