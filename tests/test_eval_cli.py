@@ -11,8 +11,8 @@ import torch
 from foldformer import FoldedConfig, FoldedTransformer
 from foldformer.cli import main
 from foldformer.data.tokenizers import ByteTokenizer
+from foldformer.evaluate.flops import model_flops_per_token
 from foldformer.evaluate.lm import evaluate_lm
-from foldformer.evaluate.memory import flops_per_token
 from foldformer.evaluate.records import load_records
 
 BOOK = " ".join(
@@ -250,17 +250,23 @@ def test_isolated_memory_point_measures_its_own_peak():
 
 
 def test_mfu_convention_flops():
-    """6·N·(m+w)/w + 3·attention for training, with attention 4·L·d·(m+w)(m+w+1)/(2w)."""
+    """One convention (foldformer.evaluate.flops): 6·N·(m+w)/w + 12·L·d·(m+w)²/w + 6·d·V per new
+    training token, a third of each for inference, w = min(w, T)."""
     model = FoldedTransformer(
         FoldedConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, segment_len=8, memory_len=8)
     )
     n = model.num_parameters(non_embedding=True)
-    attention = 4 * 2 * 32 * 16 * 17 / (2 * 8)
-    assert flops_per_token(model, 1024, training=True) == pytest.approx(6 * n * 2 + 3 * attention)
-    assert flops_per_token(model, 1024, training=False) == pytest.approx(2 * n * 2 + attention)
-    full = FoldedTransformer(model.config.replace(segment_len=10**9, memory_len=0))
-    # full attention over T: w = T, m = 0, each token attends to (T+1)/2 keys on average
-    n_full = full.num_parameters(non_embedding=True)  # no initial memory rows
-    assert flops_per_token(full, 100, training=False) == pytest.approx(
-        2 * n_full + 4 * 2 * 32 * 101 / 2
+    attention = 4 * 2 * 32 * 16 * 16 / 8
+    head = 2 * 32 * 257
+    assert model_flops_per_token(model, True, 1024) == pytest.approx(
+        3 * (2 * n * 2 + attention + head)
     )
+    assert model_flops_per_token(model, False, 1024) == pytest.approx(2 * n * 2 + attention + head)
+    full = FoldedTransformer(model.config.replace(segment_len=10**9, memory_len=0))
+    # full attention over T: one fold of w = T positions, m = 0
+    n_full = full.num_parameters(non_embedding=True)  # no initial memory rows
+    assert model_flops_per_token(full, False, 100) == pytest.approx(
+        2 * n_full + 4 * 2 * 32 * 100 + head
+    )
+    with pytest.raises(ValueError, match="length >= 1"):
+        model_flops_per_token(model, False, 0)
