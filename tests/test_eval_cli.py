@@ -43,6 +43,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    """`eval ecl` reads through the trainer's token cache: keep it out of the home folder."""
+    monkeypatch.setattr("foldformer.data.cache.DEFAULT_CACHE_DIR", tmp_path / "cache")
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
@@ -270,3 +276,104 @@ def test_mfu_convention_flops():
     )
     with pytest.raises(ValueError, match="length >= 1"):
         model_flops_per_token(model, False, 0)
+
+
+def test_eval_and_compare_give_one_answer_on_one_checkpoint(workspace):
+    """`eval ecl` / `eval lm` and compare's evaluation are one suite: the same settings and
+    documents give the same records on one checkpoint."""
+    from foldformer.compare import evaluate_model
+    from foldformer.evaluate.suite import EvalSettings, HeldOutDocuments
+
+    ckpt, books, out = workspace / "ckpt", workspace / "books", workspace / "out_same"
+    run("eval", "ecl", ckpt, "--data", books, "--targets", 8, "--max-distance", 32,
+        "--bootstrap", 50, "--control", "--out", out, "--device", "cpu")  # fmt: skip
+    run("eval", "lm", ckpt, "--data", books, "--max-tokens", 100, "--out", out, "--device", "cpu")
+    settings = EvalSettings(run=["ecl", "lm"], ecl_targets=8, ecl_max_distance=32,
+                            ecl_bootstrap=50, ecl_control=True, lm_max_tokens=100)  # fmt: skip
+    documents = HeldOutDocuments([str(books)], ByteTokenizer(), progress=False)
+    suite = evaluate_model("ckpt", ckpt, settings, documents, torch.device("cpu"), False)
+    from_cli = load_records([out / "ecl.json", out / "lm.json"])
+    assert [r["metric"] for r in suite] == [r["metric"] for r in from_cli]
+    for a, b in zip(suite, from_cli, strict=True):
+        assert (a["value"], a["interval"]) == (b["value"], b["interval"]), a["metric"]
+        assert a["config"]["eval"] == b["config"]["eval"]
+
+
+def fails_in_one_line(capsys, *argv) -> str:
+    """The command exits 2 with a one-line error (no traceback; progress bars may precede it);
+    returns that line."""
+    from foldformer.cli import console
+
+    capsys.readouterr()
+    assert console([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("foldformer: error: ") == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("foldformer: error: "), err
+    return line
+
+
+ECL = ("eval", "ecl", "{ckpt}", "--data", "{books}", "--device", "cpu", "--max-distance", 64)
+PASSKEY = ("eval", "passkey", "{ckpt}", "--device", "cpu", "--samples", 1, "--depths", 0.5)
+LM = ("eval", "lm", "{ckpt}", "--data", "{books}", "--device", "cpu")
+BENCH = ("bench", "memory", "--device", "cpu", "--d-model", 32, "--layers", 1, "--lengths", 64)
+BAD_INPUTS = {
+    "ecl_max_distance_1M": (ECL + ("--max-distance", "1M"), "maximum distance 1M plus the 64"),
+    "ecl_max_distance_abc": (ECL + ("--max-distance", "abc"), "--max-distance 'abc'"),
+    "ecl_device_gpu": (ECL + ("--device", "gpu"), "--device 'gpu' is not a device"),
+    "ecl_targets_1": (ECL + ("--targets", 1), "--targets 1: must be >= 2"),
+    "ecl_targets_negative": (ECL + ("--targets", -3), "--targets -3"),
+    "ecl_targets_too_many": (ECL + ("--targets", 10**5), "100000 asked for"),
+    "ecl_unit_negative": (ECL + ("--unit", -4), "--unit -4"),
+    "ecl_unit_above_distance": (ECL + ("--unit", 128), "below the grid unit 128"),
+    "ecl_batch_size_0": (ECL + ("--batch-size", 0), "--batch-size 0"),
+    "ecl_bootstrap_0": (ECL + ("--bootstrap", 0), "--bootstrap 0"),
+    "passkey_lengths_1Q": (PASSKEY + ("--lengths", "1Q"), "--lengths '1Q'"),
+    "passkey_lengths_0": (PASSKEY + ("--lengths", 0), "--lengths [0]"),
+    "passkey_length_too_short": (PASSKEY + ("--lengths", 8), "passkey length 8"),
+    "passkey_lengths_empty": (PASSKEY + ("--lengths", ","), "--lengths ','"),
+    "passkey_samples_0": (PASSKEY + ("--samples", 0), "--samples 0"),
+    "passkey_depths_2": (PASSKEY + ("--depths", 2), "--depths [2.0]"),
+    "passkey_depths_abc": (PASSKEY + ("--depths", "abc"), "--depths 'abc'"),
+    "passkey_batch_size_0": (PASSKEY + ("--batch-size", 0), "--batch-size 0"),
+    "lm_max_tokens_negative": (LM + ("--max-tokens", -5), "--max-tokens -5"),
+    "lm_max_documents_negative": (LM + ("--max-documents", -1), "--max-documents -1"),
+    "babilong_samples_too_many": (
+        (
+            "eval",
+            "babilong",
+            "{ckpt}",
+            "--device",
+            "cpu",
+            "--books",
+            "{books}",
+            "--babi",
+            "{root}/qa1_single-supporting-fact_train.txt",
+            "--lengths",
+            0,
+            "--samples",
+            1000,
+        ),
+        "--samples 1000: the bAbI split has only",
+    ),  # fmt: skip
+    "bench_lengths_0": (BENCH + ("--lengths", 0), "--lengths [0]"),
+    "bench_batch_size_0": (BENCH + ("--batch-size", 0), "--batch-size 0"),
+    "bench_unknown_model": (BENCH + ("--models", "nomodel"), "--models 'nomodel'"),
+    "report_not_json": (("report", "{books}/a.txt"), "a.txt is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_eval_input_is_one_line_naming_the_value(workspace, capsys, tmp_path, case):
+    argv, message = BAD_INPUTS[case]
+    paths = {"ckpt": workspace / "ckpt", "books": workspace / "books", "root": workspace}
+    argv = [str(a).format(**paths) for a in argv] + ["--out", str(tmp_path)] * (argv[0] != "report")
+    assert message in fails_in_one_line(capsys, *argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_cuda_device_is_one_line(workspace, capsys, tmp_path):
+    for argv in (("eval", "lm", workspace / "ckpt", "--data", workspace / "books"),
+                 ("bench", "memory", "--lengths", 64)):  # fmt: skip
+        line = fails_in_one_line(capsys, *argv, "--device", "cuda", "--out", tmp_path)
+        assert "--device 'cuda': this machine has no CUDA device" in line

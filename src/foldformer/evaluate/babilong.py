@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from foldformer.evaluate.common import (
+    EvaluationError,
     eval_config,
     format_size,
     new_figure,
@@ -67,7 +68,9 @@ def build_eval_samples(
     from foldformer.data.babilong import build_babilong_sample
 
     if n_samples > len(babi_samples):
-        raise ValueError(f"asked for {n_samples} samples, the bAbI split has {len(babi_samples)}")
+        raise EvaluationError(
+            f"--samples {n_samples}: the bAbI split has only {len(babi_samples)} questions"
+        )
     chosen = np.random.default_rng(seed).choice(len(babi_samples), n_samples, replace=False)
     return {
         length: [

@@ -33,7 +33,13 @@ import torch
 from torch import nn
 
 from foldformer.config import FoldedConfig
-from foldformer.evaluate.common import format_size, new_figure, print_table, save_figure
+from foldformer.evaluate.common import (
+    EvaluationError,
+    format_size,
+    new_figure,
+    print_table,
+    save_figure,
+)
 from foldformer.evaluate.flops import CONVENTION, matmul_rate, model_flops_per_token
 from foldformer.evaluate.records import make_record, model_config, write_records
 from foldformer.generate import ingest
@@ -254,8 +260,8 @@ def model_specs(
         elif Path(name, "config.json").is_file():
             specs.append(dict(kind="checkpoint", name=Path(name).name, path=str(name)))
         else:
-            raise ValueError(
-                f"{name!r} is neither a built-in model {BUILTIN_MODELS} nor a checkpoint "
+            raise EvaluationError(
+                f"--models {name!r} is neither a built-in model {BUILTIN_MODELS} nor a checkpoint "
                 "directory with a config.json"
             )
     return specs
@@ -390,15 +396,21 @@ def plot_memory(points: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def memory_command(args) -> int:
     """`foldformer bench memory [--models ...] [--lengths ...]`."""
-    from foldformer.evaluate.common import parse_list, resolve_device
+    from foldformer.evaluate.common import resolve_device
+    from foldformer.evaluate.suite import settings_from_flags
 
     device = resolve_device(args.device)
-    default_lengths = "1K,4K,16K,64K" if device.type == "cuda" else "512,2K,8K"
-    lengths = parse_list(args.lengths or default_lengths)
-    modes = ["inference", "training"] if args.mode == "both" else [args.mode]
+    settings = settings_from_flags(
+        args, {"memory_lengths": "--lengths", "memory_batch_size": "--batch-size"},
+        run=["memory"],
+        memory_lengths="1K,4K,16K,64K" if device.type == "cuda" else "512,2K,8K",
+        memory_modes=["inference", "training"] if args.mode == "both" else [args.mode],
+    )  # fmt: skip
+    lengths, batch_size = settings.memory_lengths, settings.memory_batch_size
     specs = model_specs(args.models, args.d_model, args.layers, args.window, args.memory)
-    points = bench_memory(specs, lengths, modes, args.batch_size, device, isolate=args.isolate)
-    params = {"batch_size": args.batch_size, "lengths": lengths}
+    points = bench_memory(specs, lengths, settings.memory_modes, batch_size, device,
+                          isolate=args.isolate)  # fmt: skip
+    params = {"batch_size": batch_size, "lengths": lengths}
     out = Path(args.out)
     path = write_records(memory_records(points, device, params), out / "memory.json")
     plot = plot_memory(points, out / "memory.png")
