@@ -316,6 +316,8 @@ def fails_in_one_line(capsys, *argv) -> str:
 ECL = ("eval", "ecl", "{ckpt}", "--data", "{books}", "--device", "cpu", "--max-distance", 64)
 PASSKEY = ("eval", "passkey", "{ckpt}", "--device", "cpu", "--samples", 1, "--depths", 0.5)
 LM = ("eval", "lm", "{ckpt}", "--data", "{books}", "--device", "cpu")
+BABILONG = ("eval", "babilong", "{ckpt}", "--device", "cpu", "--books", "{books}", "--babi",
+            "{root}/qa1_single-supporting-fact_train.txt", "--lengths", 0)  # fmt: skip
 BENCH = ("bench", "memory", "--device", "cpu", "--d-model", 32, "--layers", 1, "--lengths", 64)
 BAD_INPUTS = {
     "ecl_max_distance_1M": (ECL + ("--max-distance", "1M"), "maximum distance 1M plus the 64"),
@@ -338,24 +340,10 @@ BAD_INPUTS = {
     "passkey_batch_size_0": (PASSKEY + ("--batch-size", 0), "--batch-size 0"),
     "lm_max_tokens_negative": (LM + ("--max-tokens", -5), "--max-tokens -5"),
     "lm_max_documents_negative": (LM + ("--max-documents", -1), "--max-documents -1"),
-    "babilong_samples_too_many": (
-        (
-            "eval",
-            "babilong",
-            "{ckpt}",
-            "--device",
-            "cpu",
-            "--books",
-            "{books}",
-            "--babi",
-            "{root}/qa1_single-supporting-fact_train.txt",
-            "--lengths",
-            0,
-            "--samples",
-            1000,
-        ),
-        "--samples 1000: the bAbI split has only",
-    ),  # fmt: skip
+    "babilong_samples_0": (BABILONG + ("--samples", 0), "--samples 0: must be >= 1"),
+    "babilong_batch_size_0": (BABILONG + ("--batch-size", 0), "--batch-size 0: must be >= 1"),
+    "babilong_lengths_1Q": (BABILONG + ("--lengths", "1Q"), "--lengths '1Q'"),
+    "babilong_samples_too_many": (BABILONG + ("--samples", 1000), "the bAbI split has only"),
     "bench_lengths_0": (BENCH + ("--lengths", 0), "--lengths [0]"),
     "bench_batch_size_0": (BENCH + ("--batch-size", 0), "--batch-size 0"),
     "bench_unknown_model": (BENCH + ("--models", "nomodel"), "--models 'nomodel'"),

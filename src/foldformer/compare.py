@@ -190,7 +190,8 @@ def load_compare_config(
         try:
             loaded = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-            raise ConfigError(f"{path} is not valid {path.suffix[1:].upper()}: {error}") from None
+            kind = "JSON" if path.suffix == ".json" else "TOML"
+            raise ConfigError(f"{path} is not valid {kind}: {error}") from None
         for section, fields in loaded.items():
             if section not in values:
                 raise ConfigError(f"unknown section [{section}] in {path}; sections: {SECTIONS}")
