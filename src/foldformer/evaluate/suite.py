@@ -74,40 +74,28 @@ class EvalSettings(JsonConfig):
         self.memory_lengths = self._parsed("memory_lengths", parse_list)
         self.memory_modes = self._parsed("memory_modes", lambda v: parse_list(v, str))
         check_field_types(self, "eval")
+        check = self._check
         unknown = [e for e in self.run if e not in EVALUATIONS]
-        if unknown:
-            raise SettingError("eval", "run", self.run, f"unknown evaluation(s) {unknown}; known: "
-                               f"{list(EVALUATIONS)}")  # fmt: skip
-        if self.dtype not in DTYPES:
-            raise SettingError("eval", "dtype", self.dtype, f"not one of {sorted(DTYPES)}")
-        bad_modes = [m for m in self.memory_modes if m not in ("inference", "training")]
-        if bad_modes:
-            raise SettingError(
-                "eval", "memory_modes", self.memory_modes, "use inference and/or training"
-            )
-        if self.ecl_targets < 2:
-            raise SettingError(
-                "eval",
-                "ecl_targets",
-                self.ecl_targets,
-                "must be >= 2 (the bootstrap resamples targets)",
-            )
+        check(not unknown, "run", f"unknown evaluation(s) {unknown}; known: {list(EVALUATIONS)}")
+        check(self.dtype in DTYPES, "dtype", f"not one of {sorted(DTYPES)}")
+        check(set(self.memory_modes) <= {"inference", "training"}, "memory_modes",
+              "use inference and/or training")  # fmt: skip
+        check(self.ecl_targets >= 2, "ecl_targets", "must be >= 2 (the bootstrap resamples them)")
         for name in ("ecl_max_distance", "ecl_batch_size", "ecl_bootstrap",
                      "passkey_samples", "passkey_batch_size", "memory_batch_size"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise SettingError("eval", name, getattr(self, name), "must be >= 1")
-        for name in ("ecl_unit", "lm_max_documents", "lm_max_tokens"):
-            if getattr(self, name) < 0:
-                raise SettingError(
-                    "eval", name, getattr(self, name), "must be >= 0 (0: the default)"
-                )
+            check(getattr(self, name) >= 1, name, "must be >= 1")
+        check(self.ecl_unit >= 0, "ecl_unit", "must be >= 0 (0: the model's w)")
+        for name in ("lm_max_documents", "lm_max_tokens"):
+            check(getattr(self, name) >= 0, name, "must be >= 0 (0: all)")
         for name in ("passkey_lengths", "memory_lengths"):
-            if min(getattr(self, name)) < 1:
-                raise SettingError("eval", name, getattr(self, name), "lengths must be >= 1")
-        if not all(0 <= d <= 1 for d in self.passkey_depths):
-            raise SettingError(
-                "eval", "passkey_depths", self.passkey_depths, "depths lie in [0, 1]"
-            )
+            check(min(getattr(self, name)) >= 1, name, "lengths must be >= 1")
+        check(
+            all(0 <= d <= 1 for d in self.passkey_depths), "passkey_depths", "depths lie in [0, 1]"
+        )
+
+    def _check(self, ok: bool, name: str, problem: str) -> None:
+        if not ok:
+            raise SettingError("eval", name, getattr(self, name), problem)
 
     def _parsed(self, name: str, parse) -> Any:
         value = getattr(self, name)
@@ -124,7 +112,7 @@ def settings_from_flags(args, flags: dict[str, str], **values: Any) -> EvalSetti
     to its argparse attribute); an invalid value is reported by its flag."""
     for name, flag in flags.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None:  # None: the flag's "default" (0 in the settings)
+        if value is not None:  # None: not given, the settings' default (or `values`) holds
             values[name] = value
     try:
         return EvalSettings(**values)
