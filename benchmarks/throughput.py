@@ -22,11 +22,7 @@ rewritten after every row, and rows are listed there in a fixed order whatever r
 default budget, 290 s, keeps a full run on an H200 within about 5 minutes).
 `--resume OLD.json` keeps OLD's measured rows and runs only the others (errors, skipped).
 
-MFU convention (DESIGN.md §6): model FLOPs per new token = 6·N·(m+w)/w for training
-(2·N·(m+w)/w for inference), N the non-embedding parameters, plus attention
-(12·L·d·(m+w) per token for training, 4·L·d·(m+w) for inference, causal half counted in
-full) and the output head (6·d·V, 2·d·V), over the measured bf16 matmul rate.
-Recomputation (activation checkpointing) is not counted.
+MFU: `foldformer.evaluate.flops` (DESIGN.md §6; its CONVENTION is stored in the JSON).
 """
 
 from __future__ import annotations
@@ -49,6 +45,7 @@ import torch
 import torch._dynamo
 
 from foldformer import FoldedConfig, FoldedTransformer
+from foldformer.evaluate import flops
 from foldformer.model import FoldState
 from foldformer.train import PRESETS
 
@@ -72,28 +69,9 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def matmul_rate(n: int = 8192, repeats: int = 10) -> float:
-    """Measured dense bf16 matmul FLOP/s on random data."""
-    n = n if DEVICE == "cuda" else 512
-    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync()
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
-
-
-def flops_per_token(config: FoldedConfig, n_params: int, training: bool) -> float:
-    fold = config.memory_len + config.segment_len
-    factor = 6 if training else 2
-    body = factor * n_params * fold / config.segment_len
-    attention = 2 * factor * config.n_layers * config.d_model * fold * fold / config.segment_len
-    head = factor * config.d_model * config.vocab_size
-    return body + attention + head
+def matmul_rate() -> float:
+    """Measured dense bf16 matmul FLOP/s on this script's device (flops.matmul_rate)."""
+    return flops.matmul_rate(DEVICE)
 
 
 def preset_config(name: str, vocab_size: int) -> FoldedConfig:
@@ -198,7 +176,7 @@ def bench_training(
         "compile_fold": step.compile_mode != "none", "compile_mode": step.compile_mode,
         "warmup_steps": warmup, "steps": steps, "step_seconds": seconds,
         "tokens_per_s": tokens_per_s,
-        "mfu": tokens_per_s * flops_per_token(config, n, training=True) / rate,
+        "mfu": tokens_per_s * flops.flops_per_token(config, n, True, seq_len) / rate,
         "peak_memory_gb": peak_gb(), "non_embedding_parameters": n,
     }  # fmt: skip
 
@@ -242,7 +220,7 @@ def bench_streaming(
         "batch": batch, "stream_tokens_per_row": total_tokens, "chunk": chunk, "chunks": chunks,
         "vocab_size": config.vocab_size, "compile_fold": mode != "none", "compile_mode": mode,
         "tokens_per_s": tokens / seconds,
-        "mfu": tokens / seconds * flops_per_token(config, n, training=False) / rate,
+        "mfu": tokens / seconds * flops.flops_per_token(config, n, False, chunk) / rate,
         "peak_memory_gb": peak_gb(),
     }  # fmt: skip
 
@@ -675,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         "torch": torch.__version__,
         "bf16_matmul_flops": rate,
-        "mfu_convention": __doc__.split("MFU convention")[1].strip(),
+        "mfu_convention": flops.CONVENTION,
         "only": sorted(only),
         "budget_seconds": budget,
         "training": [],

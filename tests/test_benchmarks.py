@@ -40,6 +40,21 @@ def assert_measured(row: dict) -> None:
     assert math.isfinite(row["mfu"]) and row["mfu"] > 0, row
 
 
+def test_bench_memory_and_throughput_count_flops_alike(throughput):
+    """One FLOP convention: `bench memory` (and so compare) and benchmarks/throughput.py give
+    the same FLOPs per token, and so the same MFU, for one model and length."""
+    from foldformer import FoldedConfig
+    from foldformer.evaluate import memory
+
+    config = FoldedConfig(vocab_size=257, d_model=32, n_layers=1, n_heads=1, segment_len=8,
+                          memory_len=8)  # fmt: skip
+    row = throughput.bench_training(config, 2, 64, "none", True, steps=1, rate=1e12, warmup=0)
+    spec = memory.model_specs(["folded"], 32, 1, 8, 8)[0]
+    (point,) = memory.bench_memory([spec], [64], ["training"], 2, "cpu", progress=False)
+    assert point["model_config"]["non_embedding_parameters"] == row["non_embedding_parameters"]
+    assert point["flops_per_token"] == pytest.approx(row["mfu"] * 1e12 / row["tokens_per_s"])
+
+
 def test_quick_run_measures_every_kind_and_profiles(throughput, tmp_path):
     out, profile_dir = tmp_path / "throughput.json", tmp_path / "profile"
     assert throughput.main(["--quick", "--out", str(out), "--profile", str(profile_dir)]) == 0

@@ -233,3 +233,54 @@ def test_config_is_checked_and_overridable(workspace):
         load_compare_config(path, {"lr": "0.1"})
     with pytest.raises(ConfigError, match="unknown TrainConfig field"):
         load_compare_config(path, {"train.learning_rate": "0.1"})
+
+
+BAD_SETTINGS = {
+    "eval.ecl_targets=abc": "[eval] ecl_targets='abc': expected int",
+    "eval.ecl_targets=1": "ecl_targets=1: must be >= 2",
+    "eval.seed=abc": "seed='abc': expected int",
+    "eval.ecl_control=maybe": "ecl_control='maybe': expected bool",
+    "eval.ecl_bootstrap=0": "ecl_bootstrap=0: must be >= 1",
+    "eval.ecl_unit=-3": "ecl_unit=-3",
+    "eval.ecl_max_distance=1Q": "ecl_max_distance='1Q'",
+    "eval.passkey_lengths=0": "passkey_lengths=[0]",
+    "eval.passkey_depths=abc": "passkey_depths='abc'",
+    "eval.passkey_batch_size=0": "passkey_batch_size=0",
+    "eval.lm_max_tokens=-1": "lm_max_tokens=-1",
+    "eval.memory_lengths=0": "memory_lengths=[0]",
+    "compare.tolerance=abc": "[compare] tolerance='abc': expected float",
+    "compare.match_parameters=maybe": "match_parameters='maybe': expected bool",
+    "model.d_modell=32": "unknown FoldedConfig field(s) ['d_modell']",
+}
+
+
+@pytest.mark.parametrize("setting", sorted(BAD_SETTINGS))
+def test_a_bad_setting_is_refused_by_name(workspace, setting):
+    key, _, value = setting.partition("=")
+    with pytest.raises(ConfigError) as error:
+        load_compare_config(workspace / "micro.toml", {key: value})
+    assert BAD_SETTINGS[setting] in str(error.value)
+
+
+def test_bad_config_files_and_runs_fail_in_one_line_before_training(workspace, capsys):
+    from foldformer.cli import console
+
+    (workspace / "broken.toml").write_text("[model\nd_model = 32\n")
+    (workspace / "broken.json").write_text('{"model": {"d_model": 32,}}')
+    (workspace / "no_val.toml").write_text(
+        (workspace / "micro.toml").read_text().replace("\nval = [", "\n# val = [")
+    )
+    micro, out = workspace / "micro.toml", workspace / "out"
+    cases = {
+        (str(workspace / "broken.toml"),): "broken.toml is not valid TOML",
+        (str(workspace / "broken.json"),): "broken.json is not valid JSON",
+        (str(workspace / "no_val.toml"),): "reads held-out text: give [data] val",
+        (str(micro), "--device", "gpu"): "train.device 'gpu' is not a device",
+        (str(micro), "--set", "eval.ecl_max_distance=1M"): "maximum distance 1M plus the 64",
+    }
+    for argv, message in cases.items():
+        capsys.readouterr()
+        assert console(["compare", *argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and message in err.strip().splitlines()[-1], err
+        assert not (out / "models").exists()  # refused before any model trained

@@ -11,8 +11,8 @@ import torch
 from foldformer import FoldedConfig, FoldedTransformer
 from foldformer.cli import main
 from foldformer.data.tokenizers import ByteTokenizer
+from foldformer.evaluate.flops import model_flops_per_token
 from foldformer.evaluate.lm import evaluate_lm
-from foldformer.evaluate.memory import flops_per_token
 from foldformer.evaluate.records import load_records
 
 BOOK = " ".join(
@@ -41,6 +41,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    """`eval ecl` reads through the trainer's token cache: keep it out of the home folder."""
+    monkeypatch.setattr("foldformer.data.cache.DEFAULT_CACHE_DIR", tmp_path / "cache")
 
 
 @pytest.fixture(scope="module")
@@ -250,17 +256,112 @@ def test_isolated_memory_point_measures_its_own_peak():
 
 
 def test_mfu_convention_flops():
-    """6·N·(m+w)/w + 3·attention for training, with attention 4·L·d·(m+w)(m+w+1)/(2w)."""
+    """One convention (foldformer.evaluate.flops): 6·N·(m+w)/w + 12·L·d·(m+w)²/w + 6·d·V per new
+    training token, a third of each for inference, w = min(w, T)."""
     model = FoldedTransformer(
         FoldedConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, segment_len=8, memory_len=8)
     )
     n = model.num_parameters(non_embedding=True)
-    attention = 4 * 2 * 32 * 16 * 17 / (2 * 8)
-    assert flops_per_token(model, 1024, training=True) == pytest.approx(6 * n * 2 + 3 * attention)
-    assert flops_per_token(model, 1024, training=False) == pytest.approx(2 * n * 2 + attention)
-    full = FoldedTransformer(model.config.replace(segment_len=10**9, memory_len=0))
-    # full attention over T: w = T, m = 0, each token attends to (T+1)/2 keys on average
-    n_full = full.num_parameters(non_embedding=True)  # no initial memory rows
-    assert flops_per_token(full, 100, training=False) == pytest.approx(
-        2 * n_full + 4 * 2 * 32 * 101 / 2
+    attention = 4 * 2 * 32 * 16 * 16 / 8
+    head = 2 * 32 * 257
+    assert model_flops_per_token(model, True, 1024) == pytest.approx(
+        3 * (2 * n * 2 + attention + head)
     )
+    assert model_flops_per_token(model, False, 1024) == pytest.approx(2 * n * 2 + attention + head)
+    full = FoldedTransformer(model.config.replace(segment_len=10**9, memory_len=0))
+    # full attention over T: one fold of w = T positions, m = 0
+    n_full = full.num_parameters(non_embedding=True)  # no initial memory rows
+    assert model_flops_per_token(full, False, 100) == pytest.approx(
+        2 * n_full + 4 * 2 * 32 * 100 + head
+    )
+    with pytest.raises(ValueError, match="length >= 1"):
+        model_flops_per_token(model, False, 0)
+
+
+def test_eval_and_compare_give_one_answer_on_one_checkpoint(workspace):
+    """`eval ecl` / `eval lm` and compare's evaluation are one suite: the same settings and
+    documents give the same records on one checkpoint."""
+    from foldformer.compare import evaluate_model
+    from foldformer.evaluate.suite import EvalSettings, HeldOutDocuments
+
+    ckpt, books, out = workspace / "ckpt", workspace / "books", workspace / "out_same"
+    run("eval", "ecl", ckpt, "--data", books, "--targets", 8, "--max-distance", 32,
+        "--bootstrap", 50, "--control", "--out", out, "--device", "cpu")  # fmt: skip
+    run("eval", "lm", ckpt, "--data", books, "--max-tokens", 100, "--out", out, "--device", "cpu")
+    settings = EvalSettings(run=["ecl", "lm"], ecl_targets=8, ecl_max_distance=32,
+                            ecl_bootstrap=50, ecl_control=True, lm_max_tokens=100)  # fmt: skip
+    documents = HeldOutDocuments([str(books)], ByteTokenizer(), progress=False)
+    suite = evaluate_model("ckpt", ckpt, settings, documents, torch.device("cpu"), False)
+    from_cli = load_records([out / "ecl.json", out / "lm.json"])
+    assert [r["metric"] for r in suite] == [r["metric"] for r in from_cli]
+    for a, b in zip(suite, from_cli, strict=True):
+        assert (a["value"], a["interval"]) == (b["value"], b["interval"]), a["metric"]
+        assert a["config"]["eval"] == b["config"]["eval"]
+
+
+def fails_in_one_line(capsys, *argv) -> str:
+    """The command exits 2 with a one-line error (no traceback; progress bars may precede it);
+    returns that line."""
+    from foldformer.cli import console
+
+    capsys.readouterr()
+    assert console([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("foldformer: error: ") == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("foldformer: error: "), err
+    return line
+
+
+ECL = ("eval", "ecl", "{ckpt}", "--data", "{books}", "--device", "cpu", "--max-distance", 64)
+PASSKEY = ("eval", "passkey", "{ckpt}", "--device", "cpu", "--samples", 1, "--depths", 0.5)
+LM = ("eval", "lm", "{ckpt}", "--data", "{books}", "--device", "cpu")
+BABILONG = ("eval", "babilong", "{ckpt}", "--device", "cpu", "--books", "{books}", "--babi",
+            "{root}/qa1_single-supporting-fact_train.txt", "--lengths", 0)  # fmt: skip
+BENCH = ("bench", "memory", "--device", "cpu", "--d-model", 32, "--layers", 1, "--lengths", 64)
+BAD_INPUTS = {
+    "ecl_max_distance_1M": (ECL + ("--max-distance", "1M"), "maximum distance 1M plus the 64"),
+    "ecl_max_distance_abc": (ECL + ("--max-distance", "abc"), "--max-distance 'abc'"),
+    "ecl_device_gpu": (ECL + ("--device", "gpu"), "--device 'gpu' is not a device"),
+    "ecl_targets_1": (ECL + ("--targets", 1), "--targets 1: must be >= 2"),
+    "ecl_targets_negative": (ECL + ("--targets", -3), "--targets -3"),
+    "ecl_targets_too_many": (ECL + ("--targets", 10**5), "100000 asked for"),
+    "ecl_unit_negative": (ECL + ("--unit", -4), "--unit -4"),
+    "ecl_unit_above_distance": (ECL + ("--unit", 128), "below the grid unit 128"),
+    "ecl_batch_size_0": (ECL + ("--batch-size", 0), "--batch-size 0"),
+    "ecl_bootstrap_0": (ECL + ("--bootstrap", 0), "--bootstrap 0"),
+    "passkey_lengths_1Q": (PASSKEY + ("--lengths", "1Q"), "--lengths '1Q'"),
+    "passkey_lengths_0": (PASSKEY + ("--lengths", 0), "--lengths [0]"),
+    "passkey_length_too_short": (PASSKEY + ("--lengths", 8), "passkey length 8"),
+    "passkey_lengths_empty": (PASSKEY + ("--lengths", ","), "--lengths ','"),
+    "passkey_samples_0": (PASSKEY + ("--samples", 0), "--samples 0"),
+    "passkey_depths_2": (PASSKEY + ("--depths", 2), "--depths [2.0]"),
+    "passkey_depths_abc": (PASSKEY + ("--depths", "abc"), "--depths 'abc'"),
+    "passkey_batch_size_0": (PASSKEY + ("--batch-size", 0), "--batch-size 0"),
+    "lm_max_tokens_negative": (LM + ("--max-tokens", -5), "--max-tokens -5"),
+    "lm_max_documents_negative": (LM + ("--max-documents", -1), "--max-documents -1"),
+    "babilong_samples_0": (BABILONG + ("--samples", 0), "--samples 0: must be >= 1"),
+    "babilong_batch_size_0": (BABILONG + ("--batch-size", 0), "--batch-size 0: must be >= 1"),
+    "babilong_lengths_1Q": (BABILONG + ("--lengths", "1Q"), "--lengths '1Q'"),
+    "babilong_samples_too_many": (BABILONG + ("--samples", 1000), "the bAbI split has only"),
+    "bench_lengths_0": (BENCH + ("--lengths", 0), "--lengths [0]"),
+    "bench_batch_size_0": (BENCH + ("--batch-size", 0), "--batch-size 0"),
+    "bench_unknown_model": (BENCH + ("--models", "nomodel"), "--models 'nomodel'"),
+    "report_not_json": (("report", "{books}/a.txt"), "a.txt is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_eval_input_is_one_line_naming_the_value(workspace, capsys, tmp_path, case):
+    argv, message = BAD_INPUTS[case]
+    paths = {"ckpt": workspace / "ckpt", "books": workspace / "books", "root": workspace}
+    argv = [str(a).format(**paths) for a in argv] + ["--out", str(tmp_path)] * (argv[0] != "report")
+    assert message in fails_in_one_line(capsys, *argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_cuda_device_is_one_line(workspace, capsys, tmp_path):
+    for argv in (("eval", "lm", workspace / "ckpt", "--data", workspace / "books"),
+                 ("bench", "memory", "--lengths", 64)):  # fmt: skip
+        line = fails_in_one_line(capsys, *argv, "--device", "cuda", "--out", tmp_path)
+        assert "--device 'cuda': this machine has no CUDA device" in line

@@ -31,7 +31,7 @@ same tokens seen), the data (``[data]``) and the evaluation settings (``[eval]``
     val = ["../shared/data/books/pg35.txt"]
     tokenizer = "bytes"
 
-    [eval]                      # EvalSettings below
+    [eval]                      # foldformer.evaluate.suite.EvalSettings
     ecl_targets = 64
     passkey_lengths = [256, 1024]
 
@@ -51,7 +51,6 @@ trained again from the start, so its training time stays one uninterrupted measu
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import platform
 import shutil
@@ -60,13 +59,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from foldformer.config import ConfigError, JsonConfig
+from foldformer.config import ConfigError, FoldedConfig, JsonConfig
+from foldformer.evaluate.common import check_field_types
+from foldformer.evaluate.suite import (
+    EvalSettings,
+    HeldOutDocuments,
+    ecl_documents,
+    evaluate_model,
+)
 from foldformer.train import DataConfig, RunConfig, TrainConfig, _parse_value, _tomllib
 from foldformer.variants.baselines import BASELINES, IN_HOUSE
 
-EVALUATIONS = ("ecl", "passkey", "lm", "memory")
 # Run fields that may change between a run and its re-run without invalidating trained models.
 _IGNORED_ON_RERUN = {"train": {"progress", "device"}, "data": {"cache_dir"}}
 
@@ -95,6 +98,7 @@ class CompareSettings(JsonConfig):
     def __post_init__(self) -> None:
         if isinstance(self.models, str):
             self.models = [m for m in self.models.split(",") if m]
+        check_field_types(self, "compare")
         unknown = [m for m in self.models if m not in BASELINES]
         if unknown:
             raise ConfigError(f"unknown model(s) {unknown} in [compare] models; known: "
@@ -105,68 +109,6 @@ class CompareSettings(JsonConfig):
             raise ConfigError(f"[compare] models lists a model twice: {self.models}")
         if not 0 < self.tolerance < 1:
             raise ConfigError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
-
-
-@dataclass
-class EvalSettings(JsonConfig):
-    """The evaluation suite run on every model (docs/evaluation.md), on the [data] val specs."""
-
-    run: list[str] = field(default_factory=lambda: list(EVALUATIONS))  # which evaluations
-    dtype: str = "float32"
-    seed: int = 0
-    # effective context length
-    ecl_targets: int = 100
-    ecl_max_distance: int = 512
-    ecl_unit: int = 0  # grid unit; 0: the folded model's w for every model (one shared grid)
-    ecl_batch_size: int = 16
-    ecl_bootstrap: int = 2000
-    ecl_min_gain: float = 0.0
-    # also score each target after unrelated text of the same length (docs/evaluation.md): the
-    # content gain separates a memory that carries the text from a state that warms up
-    ecl_control: bool = False
-    # passkey retrieval
-    passkey_lengths: list[int] = field(default_factory=lambda: [256, 1024])
-    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    passkey_samples: int = 10
-    passkey_batch_size: int = 8
-    # bits per byte on the validation documents
-    lm_max_documents: int = 0  # 0: all
-    lm_max_tokens: int = 20000  # per document; 0: all
-    # memory and speed
-    memory_lengths: list[int] = field(default_factory=lambda: [512, 2048, 8192])
-    memory_modes: list[str] = field(default_factory=lambda: ["inference"])
-    memory_batch_size: int = 1
-
-    def __post_init__(self) -> None:
-        from foldformer.evaluate.common import DTYPES, parse_list, parse_size
-
-        if isinstance(self.run, str):
-            self.run = self.run.split(",")
-        unknown = [e for e in self.run if e not in EVALUATIONS]
-        if unknown:
-            raise ConfigError(f"unknown evaluation(s) {unknown} in [eval] run; known: "
-                              f"{list(EVALUATIONS)}")  # fmt: skip
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"[eval] dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
-        # sizes may be written "4K"; lists may be written "1K,4K"
-        self.ecl_max_distance = parse_size(self.ecl_max_distance)
-        self.passkey_lengths = parse_list(_listed(self.passkey_lengths))
-        self.passkey_depths = parse_list(_listed(self.passkey_depths), float)
-        self.memory_lengths = parse_list(_listed(self.memory_lengths))
-        self.memory_modes = parse_list(_listed(self.memory_modes), str)
-        bad_modes = [m for m in self.memory_modes if m not in ("inference", "training")]
-        if bad_modes:
-            raise ConfigError(f"[eval] memory_modes {bad_modes}: use inference and/or training")
-        for name in ("ecl_targets", "ecl_batch_size", "passkey_samples", "memory_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"[eval] {name} must be >= 1, got {getattr(self, name)!r}")
-        if not all(0 <= d <= 1 for d in self.passkey_depths):
-            raise ConfigError(f"[eval] passkey_depths must lie in [0, 1]: {self.passkey_depths}")
-
-
-def _listed(value: Any) -> Any:
-    """One value given where a list is expected (`--set eval.passkey_lengths=1K`) -> [value]."""
-    return [value] if isinstance(value, (int, float)) else value
 
 
 SECTIONS = ("model", "compare", "overrides", "train", "data", "eval")
@@ -190,9 +132,14 @@ class CompareConfig:
                 f"[model] is the folded model every baseline is built from; model_type must be "
                 f"'folded', got {model_type!r} (list baselines in [compare] models)"
             )
+        FoldedConfig.from_dict(self.model)  # a misspelt or invalid shape field, named now
         unknown = [name for name in self.overrides if name not in BASELINES]
         if unknown:
             raise ConfigError(f"[overrides.{unknown[0]}] names no model; known: {list(BASELINES)}")
+        if {"ecl", "lm"} & set(self.eval.run) and not self.data.val:
+            raise CompareError(
+                f"[eval] run {self.eval.run} reads held-out text: give [data] val (or --val-data)"
+            )
         if self.train.max_minutes:
             raise ConfigError(
                 f"train.max_minutes={self.train.max_minutes}: a comparison gives every model the "
@@ -235,7 +182,12 @@ def load_compare_config(
         if not path.is_file():
             raise FileNotFoundError(f"comparison config {path} does not exist")
         text = path.read_text()
-        loaded = json.loads(text) if path.suffix == ".json" else _tomllib().loads(text)
+        tomllib = _tomllib()
+        try:
+            loaded = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+            kind = "JSON" if path.suffix == ".json" else "TOML"
+            raise ConfigError(f"{path} is not valid {kind}: {error}") from None
         for section, fields in loaded.items():
             if section not in values:
                 raise ConfigError(f"unknown section [{section}] in {path}; sections: {SECTIONS}")
@@ -376,54 +328,7 @@ def print_plans(target: int, plans: list[ModelPlan], tolerance: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation documents, read once for every model
-# ---------------------------------------------------------------------------------------------
-
-
-class ValidationDocuments:
-    """The [data] val documents as tokens (through the token cache the trainer also uses)."""
-
-    def __init__(self, config: CompareConfig, tokenizer, progress: bool = True):
-        self.config, self.tokenizer, self.progress = config, tokenizer, progress
-        self._corpus = None
-
-    @property
-    def corpus(self):
-        if self._corpus is None:
-            from foldformer.data.cache import tokenize_corpus
-
-            if not self.config.data.val:
-                raise CompareError(
-                    "the evaluations read held-out text: give [data] val (or --val-data)"
-                )
-            self._corpus = tokenize_corpus(
-                list(self.config.data.val),
-                self.tokenizer,
-                self.config.data.cache_dir or None,
-                progress=self.progress,
-            )
-        return self._corpus
-
-    def token_documents(self, min_tokens: int) -> list[tuple[str, Any]]:
-        corpus = self.corpus
-        docs = [(corpus.names[i], corpus.document(i)) for i in range(len(corpus))]
-        kept = [(n, d) for n, d in docs if len(d) >= min_tokens]
-        if not kept:
-            raise CompareError(
-                f"no validation document has {min_tokens} tokens (longest: "
-                f"{max(len(d) for _, d in docs)}); lower [eval] ecl_max_distance"
-            )
-        return kept
-
-    def text_documents(self, max_documents: int) -> list[tuple[str, str]]:
-        corpus = self.corpus
-        n = len(corpus) if not max_documents else min(max_documents, len(corpus))
-        return [(corpus.names[i], self.tokenizer.decode(corpus.document(i).tolist()))
-                for i in range(n)]  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# One model: train, evaluate
+# One model: train (or reuse); its evaluation is the suite's (foldformer.evaluate.suite)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -487,81 +392,6 @@ def train_model(plan: ModelPlan, config: CompareConfig, model_dir: Path) -> dict
     }
     _write_json(state_path, state)
     return state
-
-
-def evaluate_model(
-    name: str,
-    checkpoint: Path,
-    settings: EvalSettings,
-    val: ValidationDocuments,
-    device: torch.device,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """The evaluation suite on one checkpoint: ECL, passkey, bits per byte, memory/speed."""
-    from foldformer.evaluate.common import eval_config, load_checkpoint
-
-    records: list[dict[str, Any]] = []
-    model, tokenizer = load_checkpoint(checkpoint, device, settings.dtype)
-    if "ecl" in settings.run:
-        from foldformer.evaluate.ecl import WINDOW, ecl_records, evaluate_ecl
-
-        documents = val.token_documents(settings.ecl_max_distance + WINDOW)
-        result = evaluate_ecl(
-            model,
-            [ids for _, ids in documents],
-            n_targets=settings.ecl_targets,
-            max_distance=settings.ecl_max_distance,
-            unit=settings.ecl_unit or None,
-            batch_size=settings.ecl_batch_size,
-            seed=settings.seed,
-            n_boot=settings.ecl_bootstrap,
-            min_gain=settings.ecl_min_gain,
-            control=settings.ecl_control,
-            progress=progress,
-        )
-        config = eval_config(model, checkpoint, task="ecl", targets=settings.ecl_targets,
-                             max_distance=settings.ecl_max_distance,
-                             grid_unit=result.extra["unit"], seed=settings.seed,
-                             bootstrap=settings.ecl_bootstrap, min_gain=settings.ecl_min_gain,
-                             control=settings.ecl_control, dtype=settings.dtype,
-                             documents=[n for n, _ in documents])  # fmt: skip
-        records += ecl_records(result, config, device)
-        low, high = result.ecl_interval
-        print(f"  {name}: ECL = {result.ecl} tokens (95% interval {low}–{high})")
-    if "passkey" in settings.run:
-        from foldformer.evaluate.passkey import evaluate_passkey, passkey_records
-
-        cells = evaluate_passkey(model, tokenizer, settings.passkey_lengths,
-                                 settings.passkey_depths, settings.passkey_samples, settings.seed,
-                                 settings.passkey_batch_size, progress=progress)  # fmt: skip
-        config = eval_config(model, checkpoint, task="passkey", lengths=settings.passkey_lengths,
-                             depths=settings.passkey_depths, samples=settings.passkey_samples,
-                             seed=settings.seed, dtype=settings.dtype)  # fmt: skip
-        records += passkey_records(cells, config, device)
-        correct, total = sum(c.correct for c in cells), sum(c.samples for c in cells)
-        print(f"  {name}: passkey {correct}/{total} correct")
-    if "lm" in settings.run:
-        from foldformer.evaluate.lm import evaluate_lm, lm_records
-
-        result = evaluate_lm(model, tokenizer, val.text_documents(settings.lm_max_documents),
-                             settings.lm_max_tokens or None, progress=progress)  # fmt: skip
-        config = eval_config(model, checkpoint, task="lm", max_documents=settings.lm_max_documents,
-                             max_tokens=settings.lm_max_tokens, dtype=settings.dtype)  # fmt: skip
-        records += lm_records(result, config, device)
-        print(f"  {name}: {result.bits_per_byte:.4f} bits per byte over {result.tokens:,} tokens")
-    del model
-    gc.collect()
-    if "memory" in settings.run:
-        from foldformer.evaluate.memory import bench_memory, memory_records
-
-        spec = {"kind": "checkpoint", "name": name, "path": str(checkpoint)}
-        points = bench_memory([spec], settings.memory_lengths, settings.memory_modes,
-                              settings.memory_batch_size, device, progress=progress)  # fmt: skip
-        params = {"batch_size": settings.memory_batch_size, "lengths": settings.memory_lengths}
-        records += memory_records(points, device, params)
-    for record in records:
-        record["config"]["name"] = name
-    return records
 
 
 def training_records(
@@ -638,6 +468,7 @@ def run_comparison(
     from foldformer.train import setup_distributed
 
     out_dir = Path(out_dir)
+    resolve_device(config.train.device, "train.device")  # one line for a device not here
     _, world_size, device = setup_distributed(config.train.device)
     if world_size > 1:
         raise CompareError("run compare as one process (it trains models one after another)")
@@ -648,7 +479,9 @@ def run_comparison(
     target, plans = plan_models(config, tokenizer.vocab_size)
     print_plans(target, plans, config.compare.tolerance)
     _warm_token_cache(config, tokenizer, progress)
-    val = ValidationDocuments(config, tokenizer, progress)
+    val = HeldOutDocuments(config.data.val, tokenizer, config.data.cache_dir, progress)
+    if "ecl" in config.eval.run:
+        ecl_documents(val, config.eval)  # documents too short fail before any model trains
 
     runnable = [p for p in plans if not p.skipped]
     writer = ResultsWriter(config, plans, target, command, device, out_dir)

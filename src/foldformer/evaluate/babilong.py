@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from foldformer.evaluate.common import (
+    EvaluationError,
     eval_config,
     format_size,
     new_figure,
@@ -67,7 +68,9 @@ def build_eval_samples(
     from foldformer.data.babilong import build_babilong_sample
 
     if n_samples > len(babi_samples):
-        raise ValueError(f"asked for {n_samples} samples, the bAbI split has {len(babi_samples)}")
+        raise EvaluationError(
+            f"--samples {n_samples}: the bAbI split has only {len(babi_samples)} questions"
+        )
     chosen = np.random.default_rng(seed).choice(len(babi_samples), n_samples, replace=False)
     return {
         length: [
@@ -175,9 +178,16 @@ def babilong_command(args) -> int:
     from foldformer.data.babilong import babi_file, load_babi, load_background, split_babi
     from foldformer.evaluate.common import load_checkpoint, parse_list, resolve_device
 
+    for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size),
+                        ("--max-new-tokens", args.max_new_tokens)):  # fmt: skip
+        if value < 1:
+            raise EvaluationError(f"{flag} {value}: must be >= 1")
+    try:
+        lengths = parse_list(args.lengths)
+    except ValueError as error:
+        raise EvaluationError(f"--lengths {args.lengths!r}: {error}") from None
     device = resolve_device(args.device)
     model, tokenizer = load_checkpoint(args.checkpoint, device, args.dtype)
-    lengths = parse_list(args.lengths)
     path = babi_file(args.task, args.babi)
     _, held_out = split_babi(load_babi(path))
     background = load_background(args.books)

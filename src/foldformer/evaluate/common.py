@@ -3,16 +3,59 @@ human sizes ("64K"), plotting and a short printed table."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from foldformer.config import ConfigError
 from foldformer.evaluate.records import model_config
+
+
+class EvaluationError(ConfigError):
+    """An evaluation cannot run on this input (a setting and the data or model do not fit);
+    the message names the value. A ConfigError, so the command line reports it in one line."""
+
+
+class SettingError(ConfigError):
+    """One setting of a config section is invalid: its `name`, `value` and the `problem`, so a
+    command can report it by its own flag."""
+
+    def __init__(self, section: str, name: str, value: Any, problem: str):
+        self.section, self.name, self.value, self.problem = section, name, value, problem
+        super().__init__(f"[{section}] {name}={value!r}: {problem}")
+
+
+def check_field_types(config, section: str) -> None:
+    """SettingError for the first field whose value is not of its annotated type (bool, int,
+    float, str or a list of one of them): `tolerance = "abc"` or `ecl_control = "maybe"`
+    must not reach a comparison or pass as true."""
+    for f in dataclasses.fields(config):
+        kind = typing.get_type_hints(type(config))[f.name]
+        value = getattr(config, f.name)
+        if typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            ok = isinstance(value, list) and all(_is_a(v, item) for v in value)
+            expected = f"a list of {item.__name__}"
+        else:
+            ok, expected = _is_a(value, kind), kind.__name__
+        if not ok:
+            raise SettingError(section, f.name, value, f"expected {expected}")
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind in (int, float):  # an int is a float; a bool is neither
+        allowed = (int, float) if kind is float else int
+        return isinstance(value, allowed) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*$")
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -24,7 +67,7 @@ def parse_size(text: str | int) -> int:
         return text
     match = _SIZE.match(str(text))
     if not match:
-        raise ValueError(f"cannot read {text!r} as a size: use e.g. 512, 4K, 64K or 1M")
+        raise ConfigError(f"cannot read {text!r} as a size: use e.g. 512, 4K, 64K or 1M")
     return int(round(float(match.group(1)) * _UNITS[match.group(2).lower()]))
 
 
@@ -39,17 +82,39 @@ def format_size(n: int) -> str:
 def parse_list(text: str | Sequence, item=parse_size) -> list:
     """'1K,4K' or ['1K', '4K'] -> [1024, 4096] (items parsed by `item`)."""
     parts = text.split(",") if isinstance(text, str) else list(text)
-    values = [item(p.strip() if isinstance(p, str) else p) for p in parts if str(p).strip()]
+    try:
+        values = [item(p.strip() if isinstance(p, str) else p) for p in parts if str(p).strip()]
+    except ConfigError:
+        raise
+    except ValueError as error:  # float("abc")
+        raise ConfigError(f"cannot read {text!r} as a list: {error}") from None
     if not values:
-        raise ValueError(f"empty list: {text!r}")
+        raise ConfigError(f"empty list: {text!r}")
     return values
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """'auto' or None -> cuda if available else cpu."""
+def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
+    """'auto' or None -> cuda if available else cpu; a device this machine lacks is a
+    ConfigError naming it (not a CUDA assertion deep in loading the weights)."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"{flag} {name!r} is not a device: use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ConfigError(f"{flag} {name!r}: this machine has no CUDA device; use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{flag} {name!r}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{flag} {name!r}: MPS is not available here; use cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{flag} {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,7 +128,7 @@ def load_checkpoint(
     from foldformer.models import load_model
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     model = load_model(path, device=device).to(DTYPES[dtype]).eval()
     return model, load_tokenizer(path)
 
@@ -75,36 +140,6 @@ def eval_config(model: nn.Module, checkpoint: str | Path | None, **params: Any) 
         "model": model_config(model),
         "eval": params,
     }
-
-
-def token_documents(
-    specs: Iterable[str],
-    tokenizer,
-    min_tokens: int = 0,
-    max_documents: int | None = None,
-) -> list[tuple[str, np.ndarray]]:
-    """Held-out documents as (name, token ids) with at least `min_tokens` tokens each.
-
-    Documents are read with the data package's loaders (files, folders, archives) and
-    tokenized one by one, in order; reading stops after `max_documents` kept documents.
-    """
-    from foldformer.data.text import iter_documents
-
-    kept: list[tuple[str, np.ndarray]] = []
-    seen = 0
-    for spec in specs:
-        for document in iter_documents(spec):
-            seen += 1
-            ids = np.asarray(tokenizer.encode(document.text), dtype=np.int64)
-            if len(ids) >= min_tokens:
-                kept.append((document.name, ids))
-                if max_documents is not None and len(kept) >= max_documents:
-                    return kept
-    if not kept:
-        raise ValueError(
-            f"none of the {seen} documents in {list(specs)} has at least {min_tokens} tokens"
-        )
-    return kept
 
 
 def print_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from foldformer.evaluate.common import (
-    eval_config,
+    EvaluationError,
     new_figure,
     print_table,
     save_figure,
@@ -50,9 +50,9 @@ WINDOW = 64
 def distance_grid(unit: int, max_distance: int) -> list[int]:
     """[0, u, 2u, 4u, …] up to and including max_distance."""
     if unit < 1:
-        raise ValueError(f"grid unit must be >= 1, got {unit}")
+        raise EvaluationError(f"grid unit must be >= 1, got {unit}")
     if max_distance < unit:
-        raise ValueError(
+        raise EvaluationError(
             f"max distance {max_distance} is below the grid unit {unit}: the grid would be [0]"
         )
     grid, d = [0], unit
@@ -132,7 +132,7 @@ def effective_context_length(
         raise ValueError(f"distances must be strictly increasing, got {distances}")
     n = losses.shape[1]
     if n < 2:
-        raise ValueError(f"a bootstrap needs at least 2 targets, got {n}")
+        raise EvaluationError(f"a bootstrap needs at least 2 targets, got {n}")
     gains = losses[:-1] - losses[1:]  # (G-1, N), paired by target
     step_interval = paired_bootstrap(gains, n_boot, confidence, seed)
     loss_interval = paired_bootstrap(losses, n_boot, confidence, seed + 1)
@@ -178,7 +178,7 @@ def select_targets(
     total = sum(valid)
     if total == 0:
         longest = max((len(d) for d in documents), default=0)
-        raise ValueError(
+        raise EvaluationError(
             f"no document has {max_distance} + {WINDOW} tokens for a target window "
             f"(longest: {longest} tokens); lower --max-distance or give longer documents"
         )
@@ -197,7 +197,7 @@ def select_targets(
         taken.setdefault(doc, []).append(start)
         chosen.append((doc, start))
     if len(chosen) < n_targets:
-        raise ValueError(
+        raise EvaluationError(
             f"only {len(chosen)} non-overlapping target windows fit in the documents, "
             f"{n_targets} asked for; give more text or fewer --targets"
         )
@@ -216,7 +216,7 @@ def unrelated_contexts(targets: Sequence[tuple[int, int]], max_distance: int) ->
         far = (docs[perm] != docs) | (np.abs(starts[perm] - starts) >= max_distance + WINDOW)
         if shift % n and far.all():
             return perm
-    raise ValueError(
+    raise EvaluationError(
         f"no arrangement gives each of the {n} targets an unrelated context (another document "
         f"or {max_distance + WINDOW}+ tokens away); give more or longer documents"
     )
@@ -383,48 +383,24 @@ def plot_ecl(result: ECLResult, path: str | Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def ecl_command(args) -> int:
-    """`foldformer eval ecl CKPT --data FILES`."""
-    from foldformer.evaluate.common import (
-        load_checkpoint,
-        parse_size,
-        resolve_device,
-        token_documents,
-    )
+ECL_FLAGS = {"ecl_targets": "--targets", "ecl_max_distance": "--max-distance",
+             "ecl_unit": "--unit", "ecl_batch_size": "--batch-size", "ecl_bootstrap": "--bootstrap",
+             "ecl_min_gain": "--min-gain", "ecl_control": "--control", "seed": "--seed",
+             "dtype": "--dtype"}  # fmt: skip
 
+
+def ecl_command(args) -> int:
+    """`foldformer eval ecl CKPT --data FILES`: the suite's ECL (as `compare` runs it)."""
+    from foldformer.evaluate.common import load_checkpoint, resolve_device
+    from foldformer.evaluate.suite import HeldOutDocuments, run_ecl, settings_from_flags
+
+    settings = settings_from_flags(args, ECL_FLAGS, run=["ecl"])
     device = resolve_device(args.device)
-    model, tokenizer = load_checkpoint(args.checkpoint, device, args.dtype)
-    max_distance = parse_size(args.max_distance)
-    documents = token_documents(args.data, tokenizer, min_tokens=max_distance + WINDOW)
-    result = evaluate_ecl(
-        model,
-        [ids for _, ids in documents],
-        n_targets=args.targets,
-        max_distance=max_distance,
-        unit=args.unit,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        n_boot=args.bootstrap,
-        min_gain=args.min_gain,
-        control=args.control,
-    )
-    config = eval_config(
-        model,
-        args.checkpoint,
-        task="ecl",
-        data=list(args.data),
-        targets=args.targets,
-        max_distance=max_distance,
-        grid_unit=result.extra["unit"],
-        seed=args.seed,
-        bootstrap=args.bootstrap,
-        min_gain=args.min_gain,
-        control=args.control,
-        dtype=args.dtype,
-        documents=[name for name, _ in documents],
-    )
+    model, tokenizer = load_checkpoint(args.checkpoint, device, settings.dtype)
+    documents = HeldOutDocuments(args.data, tokenizer, args.cache_dir)
+    result, records = run_ecl(model, args.checkpoint, documents, settings, device)
     out = Path(args.out)
-    path = write_records(ecl_records(result, config, device), out / "ecl.json")
+    path = write_records(records, out / "ecl.json")
     plot = plot_ecl(result, out / "ecl.png", f"{Path(args.checkpoint).name}: ECL = {result.ecl}")
     rows = [
         [
@@ -457,6 +433,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="model directory (config.json, weights, tokenizer)")
     parser.add_argument("--data", nargs="+", required=True, help="held-out text files/folders")
     parser.add_argument("--targets", type=int, default=200, help="target windows N")
+    parser.add_argument("--cache-dir", default=None, help="token cache (default: the trainer's)")
     parser.add_argument("--max-distance", default="2K", help="D_max, e.g. 2048 or 4K")
     parser.add_argument("--unit", type=int, default=None, help="grid unit (default: w)")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from foldformer.evaluate.common import eval_config, new_figure, print_table, save_figure
+from foldformer.evaluate.common import EvaluationError, new_figure, print_table, save_figure
 from foldformer.evaluate.records import make_record, write_records
 from foldformer.generate import stream_losses
 
@@ -107,7 +107,7 @@ def evaluate_lm(
             {"name": name, "tokens": len(losses), "bytes": n_bytes, "nats": nats}
         )
     if result.tokens == 0:
-        raise ValueError("no tokens to score: every document has fewer than 2 tokens")
+        raise EvaluationError("no tokens to score: every document has fewer than 2 tokens")
     return result
 
 
@@ -189,30 +189,23 @@ def plot_lm(result: LMResult, path: str | Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def lm_command(args) -> int:
-    """`foldformer eval lm CKPT --data FILES`."""
-    from foldformer.data.text import iter_documents
-    from foldformer.evaluate.common import load_checkpoint, resolve_device
+LM_FLAGS = {"lm_max_documents": "--max-documents", "lm_max_tokens": "--max-tokens",
+            "dtype": "--dtype"}  # fmt: skip
 
+
+def lm_command(args) -> int:
+    """`foldformer eval lm CKPT --data FILES`: the suite's bits per byte (as `compare` runs
+    it; here every document and token by default)."""
+    from foldformer.evaluate.common import load_checkpoint, resolve_device
+    from foldformer.evaluate.suite import HeldOutDocuments, run_lm, settings_from_flags
+
+    settings = settings_from_flags(args, LM_FLAGS, run=["lm"], lm_max_documents=0, lm_max_tokens=0)
     device = resolve_device(args.device)
-    model, tokenizer = load_checkpoint(args.checkpoint, device, args.dtype)
-    documents = []
-    for document in iter_documents(list(args.data)):
-        documents.append((document.name, document.text))
-        if args.max_documents and len(documents) >= args.max_documents:
-            break
-    result = evaluate_lm(model, tokenizer, documents, args.max_tokens)
-    config = eval_config(
-        model,
-        args.checkpoint,
-        task="lm",
-        data=list(args.data),
-        max_documents=args.max_documents,
-        max_tokens=args.max_tokens,
-        dtype=args.dtype,
-    )
+    model, tokenizer = load_checkpoint(args.checkpoint, device, settings.dtype)
+    documents = HeldOutDocuments(args.data, tokenizer)
+    result, records = run_lm(model, tokenizer, args.checkpoint, documents, settings, device)
     out = Path(args.out)
-    path = write_records(lm_records(result, config, device), out / "lm.json")
+    path = write_records(records, out / "lm.json")
     plot = plot_lm(
         result, out / "lm.png", f"{Path(args.checkpoint).name}: {result.bits_per_byte:.4f} bpb"
     )
@@ -231,8 +224,8 @@ def lm_command(args) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="model directory (config.json, weights, tokenizer)")
     parser.add_argument("--data", nargs="+", required=True, help="held-out text files/folders")
-    parser.add_argument("--max-documents", type=int, default=None)
-    parser.add_argument("--max-tokens", type=int, default=None, help="per document")
+    parser.add_argument("--max-documents", type=int, default=None, help="the first N (0: all)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="per document (0: all)")
 
 
 __all__ = ["LMResult", "bootstrap_bpb", "evaluate_lm", "lm_records", "plot_lm"]

@@ -13,10 +13,8 @@ point runs in a fresh subprocess and reports its own peak (``VmHWM`` where /proc
 ``ru_maxrss`` elsewhere). Reported: the peak and the
 peak minus the baseline before the work (weights and interpreter excluded).
 
-On CUDA also model FLOP utilisation: FLOPs per new token × tokens/s over a bf16 matmul rate
-measured at start-up. Convention (stated in every record): 6·N·(m+w)/w per token for training,
-2·N·(m+w)/w for inference, N = non-embedding parameters, plus attention 4·L·d·(m+w)(m+w+1)/(2w)
-per token forward (×3 for training), with w = min(w, T); recomputation is not counted.
+On CUDA also model FLOP utilisation, under the convention of `foldformer.evaluate.flops`
+(stated in every record).
 """
 
 from __future__ import annotations
@@ -35,15 +33,16 @@ import torch
 from torch import nn
 
 from foldformer.config import FoldedConfig
-from foldformer.evaluate.common import format_size, new_figure, print_table, save_figure
+from foldformer.evaluate.common import (
+    EvaluationError,
+    format_size,
+    new_figure,
+    print_table,
+    save_figure,
+)
+from foldformer.evaluate.flops import CONVENTION, matmul_rate, model_flops_per_token
 from foldformer.evaluate.records import make_record, model_config, write_records
 from foldformer.generate import ingest
-
-MFU_CONVENTION = (
-    "FLOPs per new token: training 6*N*(m+w)/w, inference 2*N*(m+w)/w, N = non-embedding "
-    "parameters; plus attention 4*L*d*(m+w)*(m+w+1)/(2*w) forward (x3 training), w = min(w, T); "
-    "activation recomputation not counted; rate = measured bf16 matmul FLOP/s"
-)
 
 BUILTIN_MODELS = ("folded", "full-attention", "no-memory")
 
@@ -79,41 +78,6 @@ def load_bench_model(spec: dict[str, Any], device: torch.device) -> nn.Module:
     return builtin_model(
         spec["name"], spec["d_model"], spec["n_layers"], spec["window"], spec["memory"]
     ).to(device)
-
-
-# -- FLOPs -------------------------------------------------------------------------------------
-
-
-def non_embedding_parameters(model: nn.Module) -> int:
-    if hasattr(model, "num_parameters"):
-        return int(model.num_parameters(non_embedding=True))
-    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
-    return sum(p.numel() for p in model.parameters()) - embeddings
-
-
-def flops_per_token(model: nn.Module, length: int, training: bool) -> float:
-    """Model FLOPs per new token under MFU_CONVENTION."""
-    config = model.config
-    w = min(int(config.segment_len), length)
-    m = int(config.memory_len)
-    n = non_embedding_parameters(model)
-    dense = (6 if training else 2) * n * (m + w) / w
-    attention = 4 * config.n_layers * config.d_model * (m + w) * (m + w + 1) / (2 * w)
-    return dense + (3 if training else 1) * attention
-
-
-def measure_matmul_rate(device: torch.device, size: int = 8192, repeats: int = 20) -> float:
-    """Sustained bf16 matrix multiply rate (FLOP/s) on a CUDA device."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 # -- CPU peak memory ---------------------------------------------------------------------------
@@ -296,8 +260,8 @@ def model_specs(
         elif Path(name, "config.json").is_file():
             specs.append(dict(kind="checkpoint", name=Path(name).name, path=str(name)))
         else:
-            raise ValueError(
-                f"{name!r} is neither a built-in model {BUILTIN_MODELS} nor a checkpoint "
+            raise EvaluationError(
+                f"--models {name!r} is neither a built-in model {BUILTIN_MODELS} nor a checkpoint "
                 "directory with a config.json"
             )
     return specs
@@ -320,7 +284,7 @@ def bench_memory(
     device = torch.device(device)
     if isolate is None:
         isolate = device.type == "cpu" and not can_reset_cpu_peak()
-    rate = measure_matmul_rate(device) if device.type == "cuda" else None
+    rate = matmul_rate(device) if device.type == "cuda" else None
     points = []
     for spec in specs:
         # In isolated mode the parent's copy only supplies the config and FLOP counts.
@@ -341,7 +305,7 @@ def bench_memory(
                     if isolate
                     else "VmHWM after clear_refs"
                 )
-                point["flops_per_token"] = flops_per_token(model, length, mode == "training")
+                point["flops_per_token"] = model_flops_per_token(model, mode == "training", length)
                 if rate is not None:
                     point["matmul_flops"] = rate
                     point["mfu"] = point["flops_per_token"] * point["tokens_per_second"] / rate
@@ -393,7 +357,7 @@ def memory_records(points: Sequence[dict[str, Any]], device, params: dict) -> li
         if "mfu" in p:
             records.append(
                 make_record(
-                    "mfu", p["mfu"], None, config, {**extra, "convention": MFU_CONVENTION}, device
+                    "mfu", p["mfu"], None, config, {**extra, "convention": CONVENTION}, device
                 )
             )
     return records
@@ -432,15 +396,21 @@ def plot_memory(points: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def memory_command(args) -> int:
     """`foldformer bench memory [--models ...] [--lengths ...]`."""
-    from foldformer.evaluate.common import parse_list, resolve_device
+    from foldformer.evaluate.common import resolve_device
+    from foldformer.evaluate.suite import settings_from_flags
 
     device = resolve_device(args.device)
-    default_lengths = "1K,4K,16K,64K" if device.type == "cuda" else "512,2K,8K"
-    lengths = parse_list(args.lengths or default_lengths)
-    modes = ["inference", "training"] if args.mode == "both" else [args.mode]
+    settings = settings_from_flags(
+        args, {"memory_lengths": "--lengths", "memory_batch_size": "--batch-size"},
+        run=["memory"],
+        memory_lengths="1K,4K,16K,64K" if device.type == "cuda" else "512,2K,8K",
+        memory_modes=["inference", "training"] if args.mode == "both" else [args.mode],
+    )  # fmt: skip
+    lengths, batch_size = settings.memory_lengths, settings.memory_batch_size
     specs = model_specs(args.models, args.d_model, args.layers, args.window, args.memory)
-    points = bench_memory(specs, lengths, modes, args.batch_size, device, isolate=args.isolate)
-    params = {"batch_size": args.batch_size, "lengths": lengths}
+    points = bench_memory(specs, lengths, settings.memory_modes, batch_size, device,
+                          isolate=args.isolate)  # fmt: skip
+    params = {"batch_size": batch_size, "lengths": lengths}
     out = Path(args.out)
     path = write_records(memory_records(points, device, params), out / "memory.json")
     plot = plot_memory(points, out / "memory.png")
@@ -462,7 +432,7 @@ def memory_command(args) -> int:
         rows.append(row)
     print_table(rows, header)
     if device.type == "cuda":
-        print(f"MFU convention: {MFU_CONVENTION}")
+        print(f"MFU convention: {CONVENTION}")
     print(f"wrote {path} and {plot}")
     return 0
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from foldformer.data.passkey import build_passkey_prompt
 from foldformer.evaluate.common import (
-    eval_config,
+    EvaluationError,
     format_size,
     new_figure,
     print_table,
@@ -67,8 +67,16 @@ def evaluate_passkey(
     progress: bool = True,
 ) -> list[PasskeyCell]:
     """Accuracy for every (length, depth) cell over `samples` random keys (seeded per cell)."""
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+    if samples < 1 or batch_size < 1:
+        raise EvaluationError(f"samples and batch_size must be >= 1, got {samples}, {batch_size}")
+    bad_depths = [d for d in depths if not 0 <= d <= 1]
+    if bad_depths:
+        raise EvaluationError(f"passkey depths lie in [0, 1], got {bad_depths}")
+    for length in lengths:  # a length too short for the prompt fails before any work
+        try:
+            build_passkey_prompt(tokenizer, length, 0.0, key="0" * 5)
+        except ValueError as error:
+            raise EvaluationError(f"passkey length {length}: {error}") from None
     device = next(model.parameters()).device
     cells = []
     total = len(lengths) * len(depths) * samples
@@ -189,31 +197,25 @@ def plot_passkey(cells: Sequence[PasskeyCell], path: str | Path, title: str = ""
     return save_figure(fig, path)
 
 
-def passkey_command(args) -> int:
-    """`foldformer eval passkey CKPT --lengths 1K,4K --depths 0,0.5,1 --samples 20`."""
-    from foldformer.evaluate.common import load_checkpoint, parse_list, resolve_device
+PASSKEY_FLAGS = {"passkey_lengths": "--lengths", "passkey_depths": "--depths",
+                 "passkey_samples": "--samples", "passkey_batch_size": "--batch-size",
+                 "seed": "--seed", "dtype": "--dtype"}  # fmt: skip
 
+
+def passkey_command(args) -> int:
+    """`foldformer eval passkey CKPT --lengths 1K,4K --depths 0,0.5,1 --samples 20`: the
+    suite's passkey evaluation (as `compare` runs it)."""
+    from foldformer.evaluate.common import load_checkpoint, resolve_device
+    from foldformer.evaluate.suite import run_passkey, settings_from_flags
+
+    settings = settings_from_flags(args, PASSKEY_FLAGS, run=["passkey"])
     device = resolve_device(args.device)
-    model, tokenizer = load_checkpoint(args.checkpoint, device, args.dtype)
+    model, tokenizer = load_checkpoint(args.checkpoint, device, settings.dtype)
     if args.compile and hasattr(model, "compile_fold"):
         model.compile_fold()
-    lengths = parse_list(args.lengths)
-    depths = parse_list(args.depths, float)
-    cells = evaluate_passkey(
-        model, tokenizer, lengths, depths, args.samples, args.seed, args.batch_size
-    )
-    config = eval_config(
-        model,
-        args.checkpoint,
-        task="passkey",
-        lengths=lengths,
-        depths=depths,
-        samples=args.samples,
-        seed=args.seed,
-        dtype=args.dtype,
-    )
+    cells, records = run_passkey(model, tokenizer, args.checkpoint, settings, device)
     out = Path(args.out)
-    path = write_records(passkey_records(cells, config, device), out / "passkey.json")
+    path = write_records(records, out / "passkey.json")
     plot = plot_passkey(cells, out / "passkey.png", f"passkey: {Path(args.checkpoint).name}")
     lengths_sorted, depths_sorted, grid = accuracy_grid(cells)
     rows = [

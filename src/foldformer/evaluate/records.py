@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from foldformer import __version__
+from foldformer.config import ConfigError
 
 RECORD_KEYS = ("metric", "value", "interval", "config", "code_version", "hardware", "date", "extra")
 
@@ -161,6 +162,10 @@ def write_records(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
+class RecordError(ConfigError):
+    """A results file is not JSON or not a valid record (the message names the file)."""
+
+
 def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Records from JSON files (a list or a single record each) or folders of them."""
     records: list[dict[str, Any]] = []
@@ -176,13 +181,13 @@ def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             try:
                 data = json.loads(file.read_text())
             except json.JSONDecodeError as error:
-                raise ValueError(f"{file} is not valid JSON: {error}") from error
+                raise RecordError(f"{file} is not valid JSON: {error}") from None
             items = data if isinstance(data, list) else [data]
             for item in items:
                 try:
                     validate_record(item)
                 except ValueError as error:
-                    raise ValueError(f"{file}: {error}") from error
+                    raise RecordError(f"{file}: {error}") from None
                 records.append(item)
     return records
 
