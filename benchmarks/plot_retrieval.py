@@ -1,0 +1,118 @@
+"""Figures of docs/retrieval.md from the committed records.
+
+    python benchmarks/plot_retrieval.py    # writes docs/retrieval_diagnosis.png, docs/passkey_h200.png
+
+Reads benchmarks/results/cpu_retention/*/retention.json (benchmarks/retention.py) and
+benchmarks/results/h200/retrieval/round3/passkey_*/eval_*/passkey.json (retrieval_gpu.sh).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = ROOT / "benchmarks" / "results" / "cpu_retention"
+H200 = ROOT / "benchmarks" / "results" / "h200" / "retrieval" / "round3"
+GATES = (("plain", "plain fold (the note)", "k:"), ("sigmoid", "sigmoid gate", "C0s-"),
+         ("hardsigmoid", "hardsigmoid gate", "C2^-"), ("clamp_st", "clamp_st gate", "C3o-"))  # fmt: skip
+SIZES = ("1K", "16K", "128K", "1M", "4M", "16M")
+
+
+def recall_by_distance(gate: str) -> dict[int, float]:
+    recall: dict[int, float] = {}
+    for name in (gate, f"{gate}_far"):
+        path = CPU / name / "retention.json"
+        if path.is_file():
+            recall.update({int(k): v for k, v in json.loads(path.read_text())["recall"].items()})
+    return dict(sorted(recall.items()))
+
+
+def diagnosis(path: Path) -> None:
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    for gate, label, style in GATES:
+        recall = recall_by_distance(gate)
+        if not recall:
+            continue
+        axes[0].plot(list(recall), list(recall.values()), style, label=label, ms=4)
+        followed = json.loads((CPU / gate / "retention.json").read_text())["followed"]
+        folds = followed["fold"]
+        axes[1].plot(folds, followed["probe"], style[:-1] + "-", label=label, ms=0)
+        axes[2].plot(folds, followed["norm"], style[:-1] + "-", label=label, ms=0)
+        if "gate_held" in followed:
+            axes[3].plot(
+                folds, followed["gate_mean"], style[:2] + "--", lw=1, label=f"{label}: mean g"
+            )
+            axes[3].plot(
+                folds, followed["gate_held"], style[:2] + "-", label=f"{label}: share g = 1"
+            )
+    axes[0].axvline(32, color="grey", lw=0.8, ls=":")
+    axes[0].set(
+        xscale="log",
+        xlabel="distance key → question (folds of w = 8)",
+        ylabel="recall (exact 3 digits)",
+        title="recall (trained to 32 folds, dotted)",
+    )
+    axes[1].set(
+        xscale="log",
+        xlabel="folds after the key",
+        ylabel="probe accuracy (first digit)",
+        title="is the key still in the memory?",
+        ylim=(0, 1.02),
+    )
+    axes[2].set(
+        xscale="log",
+        xlabel="folds after the key",
+        ylabel="mean memory row norm",
+        title="memory norm",
+    )
+    axes[3].set(
+        xscale="log",
+        xlabel="folds after the key",
+        ylabel="gate value",
+        title="gate: mean and share held exactly",
+        ylim=(-0.02, 1.02),
+    )
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def passkey(path: Path) -> None:
+    runs = sorted(p for p in H200.glob("passkey_*") if p.is_dir())
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.4), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        sizes = [s for s in SIZES if (run / f"eval_{s}" / "passkey.json").is_file()]
+        depths, grid = None, []
+        for size in sizes:
+            records = json.loads((run / f"eval_{size}" / "passkey.json").read_text())
+            cells = {r["config"]["eval"]["depth"]: r["value"] for r in records
+                     if r["metric"] == "passkey_accuracy"}  # fmt: skip
+            depths = sorted(cells)
+            grid.append([cells[d] for d in depths])
+        grid = np.array(grid).T
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(sizes)), sizes)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=9)
+        ax.set(xlabel="prompt length (tokens)", ylabel="key depth",
+               title=f"{run.name.removeprefix('passkey_')} gate, trained ≤ 2K tokens")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    diagnosis(ROOT / "docs" / "retrieval_diagnosis.png")
+    passkey(ROOT / "docs" / "passkey_h200.png")
+    print("wrote docs/retrieval_diagnosis.png and docs/passkey_h200.png")

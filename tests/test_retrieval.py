@@ -1,0 +1,89 @@
+"""The memory gates that can hold a channel exactly (docs/retrieval.md): the DESIGN.md §3
+invariants for each gate option, the exact hold itself, and a tiny key-recall model that
+recalls beyond the distance it was trained on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from foldformer import FoldedConfig, FoldedTransformer
+from foldformer.model import GATE_ACTIVATIONS, clamped_stretched_sigmoid
+
+GATES = sorted(GATE_ACTIVATIONS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gated(gate_activation: str, **values) -> FoldedTransformer:
+    torch.manual_seed(0)
+    config = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, segment_len=4, memory_len=4,
+                  memory_gate=True, gate_activation=gate_activation)  # fmt: skip
+    return FoldedTransformer(FoldedConfig(**{**config, **values})).double().eval()
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_streaming_equivalence_for_every_gate(gate):
+    model = gated(gate, gate_bias=1.0)
+    ids = torch.randint(0, 64, (3, 37), generator=torch.Generator().manual_seed(1))
+    whole = model(ids).logits
+    state, parts = None, []
+    for chunk in ids.split([5, 1, 11, 4, 16], dim=1):
+        out = model(chunk, state)
+        state, parts = out.memory, parts + [out.logits]
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-10, atol=1e-10)
+    state, steps = None, []
+    for t in range(ids.shape[1]):
+        out = model.step(ids[:, t], state)
+        state, steps = out.memory, steps + [out.logits]
+    torch.testing.assert_close(torch.stack(steps, dim=1), whole, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_memory_stays_bounded_over_ten_thousand_folds_for_every_gate(gate):
+    model = gated(gate).float()
+    gen = torch.Generator().manual_seed(0)
+    state, norms = None, []
+    with torch.no_grad():
+        for _ in range(100):  # 100 calls x 100 folds = 10,000 folds
+            ids = torch.randint(0, 64, (4, 400), generator=gen)
+            state = model(ids, state, logits_to_keep=1).memory
+            norms.append(state.memory.norm(dim=-1).max().item())
+    norms = torch.tensor(norms)
+    assert torch.isfinite(norms).all()
+    assert norms[-50:].max() <= 2 * norms[:5].max(), norms
+
+
+@pytest.mark.parametrize("gate", ["hardsigmoid", "clamp_st"])
+def test_a_saturated_gate_holds_the_memory_exactly_through_any_number_of_folds(gate):
+    model = gated(gate, gate_bias=50.0)  # every channel's g is exactly 1
+    torch.nn.init.zeros_(model.memory_gate.linear.weight)
+    ids = torch.randint(0, 64, (2, 4000), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        first = model(ids[:, :4]).memory.memory
+        later = model(ids[:, 4:], model(ids[:, :4]).memory).memory.memory
+    assert torch.equal(first, model.initial_memory.expand_as(first))  # the fold wrote nothing
+    assert torch.equal(later, first)  # and 999 folds later nothing has moved
+
+
+def test_clamp_st_passes_the_sigmoid_gradient_through_the_clamp():
+    x = torch.tensor([-8.0, 0.0, 8.0], requires_grad=True)
+    g = clamped_stretched_sigmoid(x)
+    assert g[0].item() == 0.0 and g[2].item() == 1.0  # exactly shut, exactly open
+    g.sum().backward()
+    expected = 1.2 * torch.sigmoid(x.detach()) * (1 - torch.sigmoid(x.detach()))
+    torch.testing.assert_close(x.grad, expected)
+    assert (x.grad > 0).all()  # a held gate still learns (hardsigmoid's gradient is 0 there)
+
+
+def test_unknown_gate_activation_is_named():
+    from foldformer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gate_activation='tanh'"):
+        FoldedConfig(memory_gate=True, gate_activation="tanh")
