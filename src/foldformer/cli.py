@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "foldformer.demo",
     "foldformer.compare",
     "foldformer.data.cli",
+    "foldformer.generate_cli",
+    "foldformer.serve.cli",
 )
 
 

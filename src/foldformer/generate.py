@@ -548,12 +548,15 @@ class Engine:
     def load(
         cls, checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False
     ) -> Engine:
-        """A model directory (config.json, model.safetensors, tokenizer files), e.g. the
-        `final` folder of a training run. compile: torch.compile the whole-fold step, the hot
+        """A model directory (config.json, model.safetensors, tokenizer files), or a training
+        run's folder (its `final` model is used). compile: torch.compile the whole-fold step, the hot
         path of ingestion, where the model has one (worth it on a GPU)."""
         from foldformer.data.tokenizers import load_tokenizer
         from foldformer.models import load_model
 
+        checkpoint = Path(checkpoint)
+        if not (checkpoint / "config.json").is_file() and (checkpoint / "final").is_dir():
+            checkpoint = checkpoint / "final"  # a training run's folder
         model = load_model(checkpoint, device=device)
         if compile and hasattr(model, "compile_fold"):
             model.compile_fold()
