@@ -269,3 +269,19 @@ def test_restart_and_kill_9_keep_the_last_committed_append(tiny_checkpoint, tmp_
     finally:
         process.kill()
         process.wait(10)
+
+
+def test_serve_command_bad_input_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    from foldformer.cli import build_parser, console
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"generate", "serve"} <= set(commands)
+    for argv, named in (
+        (["--port", "70000"], "--port"),
+        (["--max-sessions", "0"], "--max-sessions"),
+    ):
+        assert console(["serve", str(tiny_checkpoint), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and named in err
+    assert console(["serve", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
