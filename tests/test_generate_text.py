@@ -24,6 +24,9 @@ MODELS = {
     "full_attention": ("folded", dict(segment_len=FULL_ATTENTION_SEGMENT, memory_len=0)),
     "transformer_xl": ("transformer_xl", {}),
     "rmt": ("rmt", {}),
+    "no_memory": ("folded", dict(memory_len=0)),
+    "folded_gate": ("folded", dict(memory_gate=True)),
+    "sliding_window": ("sliding_window", dict(memory_len=0)),
 }
 
 
@@ -222,3 +225,29 @@ def test_state_for_another_model_or_tokenizer_is_refused(tmp_path):
     for context in (ContextState(), engine.read("x")):
         engine.save_state(path, context)
         assert engine.load_state(path) == context
+
+
+@pytest.mark.parametrize("model_type", ["peer_rmt", "peer_infini", "peer_xl"])
+def test_peers_generate_in_batches_and_resume_from_a_saved_state(model_type, tmp_path):
+    from foldformer.variants.peers import PEERS, peer_available
+
+    if not peer_available(model_type):
+        pytest.skip(
+            f"{PEERS[model_type].package} is not installed (pip install 'foldformer[peers]')"
+        )
+    memory = {"peer_rmt": 2, "peer_infini": 0, "peer_xl": 3}[model_type]
+    torch.manual_seed(0)
+    model = build_model(model_type, {**SHAPE, "memory_len": memory}).eval()
+    engine = Engine(model, ByteTokenizer())
+    prompts, config = ["ab", "a longer one"], SamplingConfig(max_new_tokens=5, seed=2)
+    batch = engine.complete(prompts, None, config)
+    assert [c.token_ids for c in batch] == [engine.complete([p], None, config)[0].token_ids
+                                            for p in prompts]  # fmt: skip
+    ids = list(b"a stream of some thirty tokens or so")
+    first = engine.read(ids[:13])
+    engine.save_state(tmp_path / "s.state", first)
+    loaded = engine.load_state(tmp_path / "s.state")
+    rest = torch.tensor([[first.last_token] + ids[13:]])
+    with torch.no_grad():
+        assert torch.equal(model(rest, memory=first.memory).logits,
+                           model(rest, memory=loaded.memory).logits)  # fmt: skip

@@ -285,3 +285,25 @@ def test_serve_command_bad_input_is_one_line(tiny_checkpoint, tmp_path, capsys):
         assert err.count("\n") == 1 and named in err
     assert console(["serve", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_benchmark_scripts_run_bounded_and_write_json(tmp_path):
+    """benchmarks/ingest.py and serve_load.py, tiny sizes (their numbers are not asserted)."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    ingest, load = tmp_path / "ingest.json", tmp_path / "load.json"
+    commands = [
+        [root / "benchmarks/ingest.py", "--out", ingest, "--lengths", "1K,2K,10M", "--book", "1K",
+         "--d-model", "16", "--n-layers", "1", "--window", "8", "--memory", "8", "--budget", "20",
+         "--answer-tokens", "4"],
+        [root / "benchmarks/serve_load.py", "--out", load, "--sessions", "3", "--requests", "2",
+         "--max-new-tokens", "4", "--threads", "1"],
+    ]  # fmt: skip
+    processes = [subprocess.Popen([sys.executable, *map(str, c)], env=env,
+                                  stdout=subprocess.DEVNULL) for c in commands]  # fmt: skip
+    assert [p.wait(120) for p in processes] == [0, 0]
+    record = json.loads(ingest.read_text())
+    assert [r["tokens"] for r in record["lengths"]] == [1024, 2048, 10 * 2**20]
+    assert "skipped" in record["lengths"][-1] and record["book"]["same_answer"]
+    result = json.loads(load.read_text())
+    assert result["requests"] == 3 * 3 and result["errors"] == 0 and result["all"]["p99_ms"] > 0

@@ -37,6 +37,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="text that ends the answer")  # fmt: skip
     parser.add_argument("--seed", type=int, help="same seed, same text (on one device)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the fold step (long contexts on a GPU)")  # fmt: skip
     parser.set_defaults(handler=_run)
 
 
@@ -75,7 +77,7 @@ def generate_command(args: argparse.Namespace) -> int:
         args.prompt if args.prompt_file is None else _read_text(args.prompt_file, "--prompt-file")
     )
     contexts = [_read_text(path, "--context-file") for path in args.context_file]
-    engine = Engine.load(args.checkpoint, device=args.device)
+    engine = Engine.load(args.checkpoint, device=args.device, compile=args.compile)
     context = None if args.state_in is None else engine.load_state(args.state_in)
     for text in contexts:
         ids = engine.tokenizer.encode(text)
