@@ -349,7 +349,8 @@ def create_app(
                         yield sse({"text": piece})
                     if body.commit:
                         await save(session, stream.completion.context)
-                    yield sse(result(session, stream.completion, body.commit).model_dump())
+                    final = result(session, stream.completion, body.commit)
+                    yield sse(final.model_dump(exclude={"text"}))  # the pieces were the text
                 except HTTPException as error:  # the response has started: report in-band
                     yield sse({"error": error.detail, "status": error.status_code})
             yield sse("[DONE]")
