@@ -7,6 +7,16 @@ import torch
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy 2-core machine is not oversubscribed);
+    use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A random folded model with the byte tokenizer, as a training run's model directory."""
     from foldformer.data.tokenizers import ByteTokenizer

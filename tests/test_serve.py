@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from foldformer.generate import Engine, SamplingConfig
 from foldformer.serve.app import Limits, create_app
@@ -26,12 +25,7 @@ from foldformer.serve.store import SessionStore
 LIMITS = Limits(max_body_bytes=20000, max_text_chars=5000, max_new_tokens=64, max_sessions=100)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @contextlib.contextmanager
@@ -284,6 +278,10 @@ def test_serve_command_bad_input_is_one_line(tiny_checkpoint, tmp_path, capsys):
         assert console(["serve", str(tiny_checkpoint), *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and named in err
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database" * 100)
+    assert console(["serve", str(tiny_checkpoint), "--db", str(tmp_path / "junk.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "junk.sqlite" in err
     assert console(["serve", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
 

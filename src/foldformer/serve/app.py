@@ -244,14 +244,18 @@ def create_app(
     locks: dict[str, asyncio.Lock] = {}
 
     async def work(fn, *args):
-        """Run model or database work in a worker thread."""
+        """Model work (and state (de)serialisation) in one of `workers` threads."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=workers)
+
+    async def db(fn, *args):
+        """Database work in a thread of its own pool: never queued behind the model."""
+        return await anyio.to_thread.run_sync(fn, *args)
 
     def lock(session_id: str) -> asyncio.Lock:
         return locks.setdefault(session_id, asyncio.Lock())
 
     async def load(session_id: str) -> tuple[Session, ContextState]:
-        session = await work(store.get, session_id)
+        session = await db(store.get, session_id)
         if session is None:
             locks.pop(session_id, None)
             raise HTTPException(404, f"no session {session_id!r}")
@@ -261,35 +265,34 @@ def create_app(
             raise HTTPException(409, f"session {session_id}: {error}") from None
 
     async def save(session: Session, context: ContextState) -> None:
-        if not await work(store.update, session, engine.state_bytes(context), context.tokens):
+        state = await work(engine.state_bytes, context)
+        if not await db(store.update, session, state, context.tokens):
             raise HTTPException(409, f"session {session.id} changed or was deleted meanwhile")
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "model": model_name, "sessions": await work(store.count)}
+        return {"status": "ok", "model": model_name, "sessions": await db(store.count)}
 
     @v1.post("/sessions", response_model=Tokens, status_code=201)
     async def create_session(body: CreateSession | None = None) -> Tokens:
         text = body.text if body else ""
         check_text(text, "text", limits)
         context = await work(engine.read, text)
+        state = await work(engine.state_bytes, context)
         session_id = uuid.uuid4().hex
         try:
-            await work(
-                store.create, session_id, engine.state_bytes(context), context.tokens,
-                limits.max_sessions,
-            )  # fmt: skip
+            await db(store.create, session_id, state, context.tokens, limits.max_sessions)
         except SessionLimitError as error:
             raise HTTPException(409, str(error)) from None
         return Tokens(id=session_id, tokens=context.tokens)
 
     @v1.get("/sessions", response_model=SessionList)
     async def list_sessions() -> SessionList:
-        return SessionList(sessions=[SessionInfo(**s.info()) for s in await work(store.list)])
+        return SessionList(sessions=[SessionInfo(**s.info()) for s in await db(store.list)])
 
     @v1.get("/sessions/{session_id}", response_model=SessionInfo)
     async def get_session(session_id: str) -> SessionInfo:
-        session = await work(store.get, session_id)
+        session = await db(store.get, session_id)
         if session is None:
             raise HTTPException(404, f"no session {session_id!r}")
         return SessionInfo(**session.info())
@@ -297,7 +300,7 @@ def create_app(
     @v1.delete("/sessions/{session_id}")
     async def delete_session(session_id: str) -> dict:
         async with lock(session_id):
-            if not await work(store.delete, session_id):
+            if not await db(store.delete, session_id):
                 raise HTTPException(404, f"no session {session_id!r}")
         locks.pop(session_id, None)
         return {"id": session_id, "deleted": True}
@@ -319,7 +322,7 @@ def create_app(
     async def generate(session_id: str, body: Generate):
         check_text(body.prompt, "prompt", limits)
         config = sampling_config(body, limits)
-        if await work(store.get, session_id) is None:
+        if await db(store.get, session_id) is None:
             raise HTTPException(404, f"no session {session_id!r}")
 
         def result(session: Session, done, committed: bool) -> Generated:

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from foldformer.config import ConfigError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
@@ -46,9 +48,12 @@ class SessionStore:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._local = threading.local()
-        with self._connect() as db:
+        try:
+            db = self._connect()
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
+        except sqlite3.Error as error:  # not a database, a folder, no permission …
+            raise ConfigError(f"session database {self.path!r}: {error}") from None
 
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
