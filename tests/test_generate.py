@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from foldformer import FoldedConfig, FoldedTransformer
 from foldformer.generate import greedy_generate, ingest, score, stream_losses
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy 2-core machine is not oversubscribed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(**overrides) -> FoldedTransformer:

@@ -11,16 +11,35 @@ memory does not grow with the context length::
 
 They work the same for a full-attention model (``segment_len`` huge, ``memory_len`` 0): its state
 is a growing key/value cache, as its design implies.
+
+On top of them, for text: `SamplingConfig` (temperature, top-k, top-p, repetition penalty, stop
+strings, seed), `ContextState` (a stream that can be continued, saved and loaded, refused by
+another model or tokenizer) and `Engine` (a model with its tokenizer)::
+
+    engine = Engine.load("runs/x/final")
+    book = engine.read(text, progress=True)
+    engine.save_state("book.state", book)
+    for piece in engine.stream("Q: who?", engine.load_state("book.state"), SamplingConfig(seed=0)):
+        print(piece, end="")
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from foldformer.config import ConfigError, JsonConfig
 
 DEFAULT_CHUNK_TOKENS = 2048
 
@@ -145,6 +164,133 @@ def score(
     return losses
 
 
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig(JsonConfig):
+    """How the next token is chosen. temperature 0 is greedy (argmax); top_k 0 and top_p 1
+    turn those filters off; repetition_penalty > 1 discourages the tokens of this call's
+    prompt and answer (CTRL, Keskar et al. 2019). seed: the same seed gives the same tokens
+    on the same device, whatever else runs in the batch; None draws from torch's global RNG."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()  # text that ends the answer (left out of it)
+    stop_at_eod: bool = True  # the end-of-document token ends the answer
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        checks = (
+            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 0, ">= 0"),
+            ("temperature", _is_number(self.temperature) and self.temperature >= 0, ">= 0"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, ">= 0 (0: off)"),
+            ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            (
+                "repetition_penalty",
+                _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+                "> 0 (1: off)",
+            ),
+            ("seed", self.seed is None or _is_int(self.seed) and self.seed >= 0, ">= 0 or None"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+        )
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or isinstance(value, float) and math.isfinite(value)
+
+
+def make_generators(seed: int | None, rows: int, device: torch.device) -> list | None:
+    """One generator per row, each seeded with `seed`: a row's tokens depend on its own
+    stream and seed only, not on the rows it shares a batch with."""
+    if seed is None:
+        return None
+    return [torch.Generator(device=device).manual_seed(seed) for _ in range(rows)]
+
+
+def sample_next(
+    logits: Tensor,
+    config: SamplingConfig,
+    generators: list | None = None,
+    history: list[list[int]] | None = None,
+) -> Tensor:
+    """Next token ids (B,) from next-token logits (B, V). history[r]: the ids the repetition
+    penalty applies to in row r."""
+    logits = logits.float().clone()
+    if config.repetition_penalty != 1 and history:
+        for row, seen in enumerate(history):
+            if seen:
+                ids = torch.tensor(sorted(set(seen)), device=logits.device)
+                values = logits[row, ids]
+                logits[row, ids] = torch.where(
+                    values > 0,
+                    values / config.repetition_penalty,
+                    values * config.repetition_penalty,
+                )
+    if config.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits /= config.temperature
+    if 0 < config.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if config.top_p < 1:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= config.top_p  # the first token always stays
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    probs = logits.softmax(dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, 1)[:, 0]
+    return torch.cat(
+        [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
+    )
+
+
+class Decoder:
+    """Token-by-token decoding of a batch of streams that sit at the same position.
+
+    memory: the model's state after every token but the pending ones; pending (B,): the last
+    token of each row, read by the next `step`. Each step reads the pending tokens, samples
+    the next ones and makes them pending, so after any step `memory` and `pending` describe
+    the stream up to its newest token exactly as `read_context` would.
+    """
+
+    def __init__(self, model: nn.Module, memory, pending: Tensor, config: SamplingConfig):
+        self.model, self.memory, self.pending, self.config = model, memory, pending, config
+        self.generators = make_generators(config.seed, pending.shape[0], pending.device)
+        self.history: list[list[int]] = [[] for _ in range(pending.shape[0])]
+
+    def remember(self, rows_ids: list[list[int]]) -> None:
+        """Ids (per row) the repetition penalty counts besides the generated ones."""
+        for seen, ids in zip(self.history, rows_ids, strict=True):
+            seen.extend(ids)
+
+    @torch.no_grad()
+    def step(self) -> Tensor:
+        out = self.model(self.pending[:, None], memory=self.memory, logits_to_keep=1)
+        history = self.history if self.config.repetition_penalty != 1 else None
+        token = sample_next(out.logits[:, -1], self.config, self.generators, history)
+        self.memory, self.pending = out.memory, token
+        if history is not None:
+            for seen, t in zip(self.history, token.tolist(), strict=True):
+                seen.append(t)
+        return token
+
+
 @torch.no_grad()
 def greedy_generate(
     model: nn.Module,
@@ -154,7 +300,7 @@ def greedy_generate(
     stop_ids: Iterable[int] | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Greedy decoding with `model.step` (key/value cache inside the fold).
+    """Greedy decoding (key/value cache inside the fold).
 
     prompt_ids (P,) or (B, P) with P >= 1 continue the stream in `memory` (e.g. a long context
     from `ingest`). Returns the generated ids (B, n), n <= max_new_tokens: decoding stops once
@@ -168,22 +314,405 @@ def greedy_generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     stops = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=prompt.device)
     memory = ingest(model, prompt[:, :-1], memory, chunk_size)
-    token = prompt[:, -1]
+    decoder = Decoder(model, memory, prompt[:, -1], SamplingConfig(temperature=0.0))
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    generated = []
+    generated: list[Tensor] = []
     for _ in range(max_new_tokens):
-        out = model.step(token, memory)
-        memory = out.memory
-        next_token = out.logits.argmax(dim=-1)
+        token = decoder.step()
         if generated:  # rows that already stopped repeat their stop id
-            next_token = torch.where(done, generated[-1], next_token)
-        generated.append(next_token)
+            token = torch.where(done, generated[-1], token)
+            decoder.pending = token
+        generated.append(token)
         if stops.numel():
-            done |= torch.isin(next_token, stops)
+            done |= torch.isin(token, stops)
             if bool(done.all()):
                 break
-        token = next_token
     return torch.stack(generated, dim=1)
 
 
-__all__ = ["default_chunk_size", "greedy_generate", "ingest", "score", "stream_losses"]
+# ---------------------------------------------------------------------------------------------
+# Context states: a stream that can be continued, saved and loaded
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ContextState:
+    """One stream read so far: the model's state after every token but the last, and that
+    last token, still to be read (its logits predict what comes next, so a saved context can
+    be answered without re-reading anything). memory is None while at most one token was read.
+    """
+
+    memory: Any = None
+    last_token: int | None = None
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.last_token is None) != (self.tokens == 0):
+            raise ValueError(f"a context of {self.tokens} tokens has last_token {self.last_token}")
+
+
+@torch.no_grad()
+def read_context(
+    model: nn.Module,
+    token_ids: Iterable[int] | Tensor,
+    context: ContextState | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> ContextState:
+    """Continue `context` (None: a fresh stream) with token_ids (T,); constant memory."""
+    context = context or ContextState()
+    ids = _as_batch(token_ids, _device(model), "token_ids")
+    if ids.shape[0] != 1:
+        raise ValueError(f"read_context reads one stream, got {ids.shape[0]} rows")
+    if ids.shape[1] == 0:
+        return context
+    if context.last_token is not None:
+        ids = torch.cat([ids.new_tensor([[context.last_token]]), ids], dim=1)
+    memory = ingest(model, ids[:, :-1], context.memory, chunk_size, progress)
+    added = ids.shape[1] - (context.last_token is not None)
+    return ContextState(memory, int(ids[0, -1]), context.tokens + added)
+
+
+STATE_FORMAT = "foldformer-context-state"
+STATE_VERSION = 1
+
+
+class ContextStateError(ValueError):
+    """A saved context state that cannot be used here (another model or tokenizer, or not a
+    state file); the message says which."""
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model type, config and every weight's name, dtype, shape and bytes:
+    equal exactly when two models compute the same thing (on any device)."""
+    digest = hashlib.sha256()
+    config = {"model_type": model.model_type, **model.config.to_dict()}
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.fingerprint().encode()).hexdigest()
+
+
+def state_to_bytes(context: ContextState, model_hash: str, tokenizer_hash: str, model) -> bytes:
+    """A context as safetensors bytes: the state's tensors, and in the header's metadata one
+    JSON entry (format, version, model_type, the two hashes, token count, last token)."""
+    from safetensors.torch import save
+
+    meta = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "model_type": model.model_type,
+        "model_hash": model_hash,
+        "tokenizer_hash": tokenizer_hash,
+        "tokens": context.tokens,
+        "last_token": context.last_token,
+    }
+    tensors = {} if context.memory is None else context.memory.to("cpu").state_dict()
+    return save(tensors, metadata={STATE_FORMAT: json.dumps(meta)})
+
+
+def state_metadata(data: bytes) -> dict[str, Any]:
+    """The JSON metadata of state bytes (the safetensors header: 8-byte length, then JSON)."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        meta = json.loads(header["__metadata__"][STATE_FORMAT])
+    except (ValueError, KeyError, TypeError):
+        raise ContextStateError("not a foldformer context state") from None
+    if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+        raise ContextStateError(
+            f"context state format {meta.get('format')!r} version {meta.get('version')!r} is "
+            f"not {STATE_FORMAT!r} version {STATE_VERSION}"
+        )
+    return meta
+
+
+def state_from_bytes(
+    data: bytes, model: nn.Module, model_hash: str, tokenizer_hash: str
+) -> ContextState:
+    """The context in `data`, refused unless it was saved for this model and tokenizer."""
+    from safetensors.torch import load
+
+    meta = state_metadata(data)
+    if meta["model_type"] != model.model_type:
+        raise ContextStateError(
+            f"the context state is for a {meta['model_type']!r} model, this is a "
+            f"{model.model_type!r} model"
+        )
+    for what, saved, here in (
+        ("model (weights or config)", meta["model_hash"], model_hash),
+        ("tokenizer", meta["tokenizer_hash"], tokenizer_hash),
+    ):
+        if saved != here:
+            raise ContextStateError(
+                f"the context state was saved with another {what}: hash {saved[:12]} != {here[:12]}"
+            )
+    tensors = load(data)
+    memory = None
+    if tensors:
+        memory = model.state_class.from_state_dict(tensors).to(_device(model))
+    return ContextState(memory, meta["last_token"], meta["tokens"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Text in, text out: a model with its tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+class TextDecoder:
+    """Generated ids -> text pieces as they become final: a cut multi-byte character and
+    anything that may be the start of a stop string are held back until they are settled."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text = ""  # given out so far
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The next id; returns the text that became final (may be empty)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        hits = [text.find(s, max(0, len(self.text) - len(s))) for s in self.stop]
+        hits = [at for at in hits if at >= 0]
+        if hits:
+            self.stopped = True
+            return self._give(text[: min(hits)])
+        text = text.rstrip("\ufffd")
+        hold = [n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])]
+        return self._give(text[: len(text) - max(hold, default=0)])
+
+    def finish(self) -> str:
+        """What is held back, once no more ids come."""
+        return "" if self.stopped else self._give(self.tokenizer.decode(self.ids))
+
+    def _give(self, final: str) -> str:
+        piece = final[len(self.text) :]
+        self.text += piece
+        return piece
+
+
+@dataclass
+class Completion:
+    """One finished generation: its text, why it ended ("stop": end of document or a stop
+    string; "length": max_new_tokens), the ids read and generated, and the context after it
+    (the prompt and every generated id read) for a caller that keeps it."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    token_ids: list[int]
+    context: ContextState
+
+
+class TextStream:
+    """Iterator over the text pieces of one answer; `.completion` is set once it is used up."""
+
+    def __init__(self, runner: Iterator[str]):
+        self._runner, self.completion = runner, None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._runner)
+        except StopIteration as end:
+            self.completion = end.value[0]
+            raise StopIteration from None
+
+
+class Engine:
+    """A model and its tokenizer, for text: read contexts, generate, save and load states::
+
+    engine = Engine.load("runs/x/final")
+    book = engine.read(open("book.txt").read(), progress=True)
+    for piece in engine.stream("Who did it?", book, SamplingConfig(seed=0)):
+        print(piece, end="", flush=True)
+    engine.save_state("book.state", book)
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, chunk_size: int | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.chunk_size = chunk_size
+        self.model_hash = model_fingerprint(model)
+        self.tokenizer_hash = tokenizer_fingerprint(tokenizer)
+
+    @classmethod
+    def load(
+        cls, checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False
+    ) -> Engine:
+        """A model directory (config.json, model.safetensors, tokenizer files), or a training
+        run's folder (its `final` model is used). compile: torch.compile the whole-fold step, the hot
+        path of ingestion, where the model has one (worth it on a GPU)."""
+        from foldformer.data.tokenizers import load_tokenizer
+        from foldformer.models import load_model
+
+        checkpoint = Path(checkpoint)
+        if not (checkpoint / "config.json").is_file() and (checkpoint / "final").is_dir():
+            checkpoint = checkpoint / "final"  # a training run's folder
+        model = load_model(checkpoint, device=device)
+        if compile and hasattr(model, "compile_fold"):
+            model.compile_fold()
+        return cls(model, load_tokenizer(checkpoint))
+
+    @property
+    def device(self) -> torch.device:
+        return _device(self.model)
+
+    def read(
+        self, text: str | list[int], context: ContextState | None = None, progress: bool = False
+    ) -> ContextState:
+        """Continue `context` (None: a fresh stream) with text (or token ids)."""
+        ids = self.tokenizer.encode(text) if isinstance(text, str) else text
+        return read_context(self.model, ids, context, self.chunk_size, progress)
+
+    def state_bytes(self, context: ContextState) -> bytes:
+        return state_to_bytes(context, self.model_hash, self.tokenizer_hash, self.model)
+
+    def state_from_bytes(self, data: bytes) -> ContextState:
+        return state_from_bytes(data, self.model, self.model_hash, self.tokenizer_hash)
+
+    def save_state(self, path: str | Path, context: ContextState) -> None:
+        """Write the context to `path` (safetensors with the JSON metadata in its header)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self.state_bytes(context))
+        os.replace(tmp, path)  # a state file is whole or absent
+
+    def load_state(self, path: str | Path) -> ContextState:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"context state {str(path)!r} does not exist")
+        try:
+            return self.state_from_bytes(path.read_bytes())
+        except ContextStateError as error:
+            raise ContextStateError(f"{path}: {error}") from None
+
+    def stream(
+        self,
+        prompt: str,
+        context: ContextState | None = None,
+        config: SamplingConfig | None = None,
+    ) -> TextStream:
+        """The text of one answer, piece by piece as it is produced."""
+        return TextStream(self._generate([prompt], [context], config or SamplingConfig(), True))
+
+    def complete(
+        self,
+        prompts: list[str],
+        contexts: list[ContextState | None] | None = None,
+        config: SamplingConfig | None = None,
+    ) -> list[Completion]:
+        """Answers to many prompts, each continuing its own context (None: a fresh stream)."""
+        contexts = contexts or [None] * len(prompts)
+        if len(contexts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(contexts)} contexts")
+        runner = self._generate(prompts, contexts, config or SamplingConfig(), False)
+        while True:
+            try:
+                next(runner)
+            except StopIteration as end:
+                return end.value
+
+    def _generate(self, prompts, contexts, config: SamplingConfig, pieces: bool):
+        """Rows are grouped by stream length and a group is one batch from its prompt to its
+        last token. Rows of different lengths never share a forward call: a recurrent state
+        is tied to a position in the fold, and left padding would push pad tokens through the
+        memory and change every later fold. pieces: yield the text as it comes (one row)."""
+        rows = []
+        for prompt, context in zip(prompts, contexts, strict=True):
+            context = context or ContextState()
+            ids = self.tokenizer.encode(prompt)
+            if context.tokens == 0 and not ids:  # nothing to continue: start a document
+                ids = [self.tokenizer.eod_id]
+            rows.append((context, ids))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (context, ids) in enumerate(rows):
+            groups.setdefault((context.tokens, len(ids)), []).append(i)
+        results: list[Completion | None] = [None] * len(rows)
+        for members in groups.values():
+            done = yield from self._run_group([rows[i] for i in members], config, pieces)
+            for i, completion in zip(members, done, strict=True):
+                results[i] = completion
+        return results
+
+    @torch.no_grad()
+    def _run_group(self, rows, config: SamplingConfig, pieces: bool):
+        contexts = [context for context, _ in rows]
+        prompts = [ids for _, ids in rows]
+        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
+        if contexts[0].last_token is not None:
+            last = torch.tensor([[c.last_token] for c in contexts], device=self.device)
+            ids = torch.cat([last, ids], dim=1)
+        memory = None
+        if contexts[0].memory is not None:
+            memory = type(contexts[0].memory).concat([c.memory for c in contexts])
+        decoder = Decoder(
+            self.model, ingest(self.model, ids[:, :-1], memory, self.chunk_size), ids[:, -1], config
+        )
+        decoder.remember(prompts)
+        base = contexts[0].tokens + len(prompts[0])
+        texts = [TextDecoder(self.tokenizer, config.stop) for _ in rows]
+        finished: dict[int, Completion] = {}
+
+        def finish(row: int, reason: str, new_tokens: int, ids: list[int]) -> None:
+            memory = decoder.memory
+            context = ContextState(
+                None if memory is None else memory.index([row]),
+                int(decoder.pending[row]),
+                base + new_tokens,
+            )
+            finished[row] = Completion("", reason, len(prompts[row]), ids, context)
+
+        if config.max_new_tokens == 0:  # the prompt is read, nothing generated
+            for row in range(len(rows)):
+                finish(row, "length", 0, [])
+        for new_tokens in range(1, config.max_new_tokens + 1):
+            for row, token in enumerate(decoder.step().tolist()):
+                if row in finished:
+                    continue
+                ids = texts[row].ids
+                if config.stop_at_eod and token == self.tokenizer.eod_id:
+                    finish(row, "stop", new_tokens, ids + [token])  # read, but not text
+                    continue
+                piece = texts[row].push(token)
+                if pieces and piece:
+                    yield piece
+                if texts[row].stopped:
+                    finish(row, "stop", new_tokens, ids)
+                elif new_tokens == config.max_new_tokens:
+                    finish(row, "length", new_tokens, ids)
+            if len(finished) == len(rows):
+                break
+        for row, text in enumerate(texts):
+            piece = text.finish()  # what was held back, unless a stop string cut it
+            if pieces and piece:
+                yield piece
+            finished[row].text = text.text
+        return [finished[row] for row in range(len(rows))]
+
+
+__all__ = [
+    "Completion",
+    "ContextState",
+    "ContextStateError",
+    "Decoder",
+    "Engine",
+    "SamplingConfig",
+    "TextStream",
+    "default_chunk_size",
+    "greedy_generate",
+    "ingest",
+    "model_fingerprint",
+    "read_context",
+    "sample_next",
+    "score",
+    "stream_losses",
+]

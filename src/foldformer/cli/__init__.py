@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "foldformer.cli.demo",
     "foldformer.cli.compare",
     "foldformer.cli.data",
+    "foldformer.cli.generate",
+    "foldformer.cli.serve",
 )
 
 

@@ -1,0 +1,1 @@
+"""The HTTP session server: `foldformer serve` (FastAPI app in `app`, SQLite store in `store`)."""

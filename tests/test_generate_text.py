@@ -1,0 +1,248 @@
+"""Sampling, batched generation, context states and the text engine, for every model type."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from foldformer.data.tokenizers import ByteTokenizer
+from foldformer.generate import (
+    ContextState,
+    ContextStateError,
+    Engine,
+    SamplingConfig,
+    TextDecoder,
+    read_context,
+    sample_next,
+)
+from foldformer.models import build_model
+from foldformer.variants.baselines import FULL_ATTENTION_SEGMENT
+
+SHAPE = dict(vocab_size=257, d_model=16, n_layers=2, n_heads=2, segment_len=4, memory_len=3)
+MODELS = {
+    "folded": ("folded", {}),
+    "full_attention": ("folded", dict(segment_len=FULL_ATTENTION_SEGMENT, memory_len=0)),
+    "transformer_xl": ("transformer_xl", {}),
+    "rmt": ("rmt", {}),
+    "no_memory": ("folded", dict(memory_len=0)),
+    "folded_gate": ("folded", dict(memory_gate=True)),
+    "sliding_window": ("sliding_window", dict(memory_len=0)),
+}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_engine(name: str = "folded", seed: int = 0, **overrides) -> Engine:
+    model_type, values = MODELS[name]
+    torch.manual_seed(seed)
+    model = build_model(model_type, {**SHAPE, **values, **overrides}).double().eval()
+    return Engine(model, ByteTokenizer())
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+
+def test_sampling_filters():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample_next(logits, SamplingConfig(temperature=0.0)), greedy)
+    assert torch.equal(sample_next(logits, SamplingConfig(temperature=5.0, top_k=1)), greedy)
+    assert torch.equal(sample_next(logits, SamplingConfig(temperature=5.0, top_p=1e-6)), greedy)
+    top5 = logits.topk(5, dim=-1).indices
+    for seed in range(20):  # top-k never leaves the k most likely tokens
+        gens = [torch.Generator().manual_seed(seed) for _ in range(3)]
+        token = sample_next(logits, SamplingConfig(temperature=3.0, top_k=5), gens)
+        assert bool((top5 == token[:, None]).any(-1).all())
+    # top-p keeps the smallest set reaching p: with one token at 0.9, p=0.85 keeps only it
+    peaked = torch.log(torch.tensor([[0.9, 0.05, 0.05]]))
+    for seed in range(20):
+        gens = [torch.Generator().manual_seed(seed)]
+        assert int(sample_next(peaked, SamplingConfig(top_p=0.85), gens)) == 0
+    # repetition penalty: positive logits divided, negative multiplied, others untouched
+    row = torch.tensor([[2.0, -1.0, 1.9]])
+    assert int(sample_next(row, SamplingConfig(temperature=0.0))) == 0
+    penalised = SamplingConfig(temperature=0.0, repetition_penalty=2.0)
+    assert int(sample_next(row, penalised, history=[[0]])) == 2
+    assert int(sample_next(torch.tensor([[-1.0, -1.5]]), penalised, history=[[0]])) == 1
+
+
+def test_seed_gives_the_same_draws_and_bad_values_are_refused():
+    logits = torch.randn(2, 100)
+    config = SamplingConfig()
+    draws = [
+        sample_next(logits, config, [torch.Generator().manual_seed(7) for _ in range(2)])
+        for _ in "ab"
+    ]
+    assert torch.equal(draws[0], draws[1])
+    for bad in (
+        dict(temperature=-1.0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(max_new_tokens=-1),
+        dict(repetition_penalty=0.0),
+        dict(seed=-3),
+        dict(stop=("",)),
+    ):
+        (name,) = bad
+        with pytest.raises(ValueError, match=name):
+            SamplingConfig(**bad)
+
+
+def test_text_decoder_holds_back_cut_characters_and_stop_prefixes():
+    tok = ByteTokenizer()
+    dec = TextDecoder(tok, stop=("END",))
+    pieces = [dec.push(t) for t in tok.encode("é ok EN")]  # é is two bytes
+    assert pieces[0] == ""  # half a character waits
+    assert "".join(pieces) == "é ok "  # "EN" may become "END"
+    assert dec.push(tok.encode("D")[0]) == "" and dec.stopped
+    assert dec.text == "é ok "
+    dec = TextDecoder(tok, stop=("END",))
+    assert "".join(dec.push(t) for t in tok.encode("xEN")) + dec.finish() == "xEN"
+
+
+# -- generation through the common protocol ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_completion_is_the_argmax_of_full_recomputation(name):
+    engine = make_engine(name)
+    context = engine.read("a context longer than one fold, read in chunks")
+    config = SamplingConfig(max_new_tokens=6, temperature=0.0, stop_at_eod=False)
+    (done,) = engine.complete([" Q?"], [context], config)
+    seq = torch.tensor([list(b"a context longer than one fold, read in chunks Q?")])
+    for token in done.token_ids:  # each id is the argmax after everything before it
+        assert token == int(engine.model(seq).logits[0, -1].argmax())
+        seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+    assert done.finish_reason == "length" and len(done.token_ids) == 6
+    assert done.context.tokens == seq.shape[1]
+    # the returned context continues the stream exactly where the answer ended
+    after = engine.model(torch.tensor([[done.context.last_token]]), memory=done.context.memory)
+    torch.testing.assert_close(after.logits[0, -1], engine.model(seq).logits[0, -1])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_batch_of_different_lengths_equals_each_prompt_alone(name):
+    engine = make_engine(name)
+    prompts = ["x", "a longer prompt of many folds", "mid size", "abc", "a longer prompt of so"]
+    contexts = [None, None, engine.read("some context"), None, engine.read("ctx")]
+    config = SamplingConfig(max_new_tokens=8, temperature=1.5, top_k=40, top_p=0.95, seed=3)
+    batch = engine.complete(prompts, contexts, config)
+    for prompt, context, got in zip(prompts, contexts, batch, strict=True):
+        (alone,) = engine.complete([prompt], [context], config)
+        assert got.token_ids == alone.token_ids and got.text == alone.text
+    again = engine.complete(prompts, contexts, config)
+    assert [c.token_ids for c in again] == [c.token_ids for c in batch]  # same seed, same text
+    other = engine.complete(prompts, contexts, config.replace(seed=4))
+    assert [c.token_ids for c in other] != [c.token_ids for c in batch]
+
+
+def test_stream_yields_the_completion_text_and_stops():
+    engine = make_engine()
+    config = SamplingConfig(max_new_tokens=30, temperature=1.0, seed=1, stop_at_eod=False)
+    stream = engine.stream("hello", None, config)
+    pieces = list(stream)
+    (done,) = engine.complete(["hello"], None, config)
+    assert "".join(pieces) == done.text == stream.completion.text
+    assert stream.completion.token_ids == done.token_ids
+    # a stop string taken from the free text ends the answer before it
+    text = done.text
+    stop = text[10:12]
+    assert stop and stop not in text[:10]
+    cut = engine.complete(["hello"], None, config.replace(stop=(stop,)))[0]
+    assert cut.text == text[:10] and cut.finish_reason == "stop"
+
+    # end of document: the first eod ends the answer, is left out of the text, is read
+    class EodIsThird(ByteTokenizer):
+        eod_id = done.token_ids[2]
+
+    eod_engine = Engine(engine.model, EodIsThird())
+    ended = eod_engine.complete(["hello"], None, config.replace(stop_at_eod=True))[0]
+    assert ended.finish_reason == "stop" and ended.token_ids == done.token_ids[:3]
+    assert ended.text == engine.tokenizer.decode(done.token_ids[:2])
+    assert ended.context.tokens == 5 + 3 and ended.context.last_token == done.token_ids[2]
+
+
+def test_empty_stream_starts_at_a_document_boundary():
+    engine = make_engine()
+    config = SamplingConfig(max_new_tokens=3, temperature=0.0, stop_at_eod=False)
+    (done,) = engine.complete([""], None, config)
+    (explicit,) = engine.complete([""], [engine.read([engine.tokenizer.eod_id])], config)
+    assert done.token_ids == explicit.token_ids and done.context.tokens == 4
+
+
+# -- context states ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_saved_state_continues_exactly_like_the_uninterrupted_stream(name, tmp_path):
+    engine = make_engine(name)
+    ids = torch.randint(0, 256, (1, 37)).tolist()[0]
+    full = engine.model(torch.tensor([ids])).logits
+    for split in (1, 2, 9, 24):
+        first = read_context(engine.model, ids[:split], chunk_size=5)
+        engine.save_state(tmp_path / "s.state", first)
+        fresh = make_engine(name)  # another instance with the same weights
+        loaded = fresh.load_state(tmp_path / "s.state")
+        assert loaded.tokens == split
+        rest = torch.tensor([[first.last_token] + ids[split:]])
+        uninterrupted = engine.model(rest, memory=first.memory).logits
+        resumed = fresh.model(rest, memory=loaded.memory).logits
+        assert torch.equal(uninterrupted, resumed)
+        torch.testing.assert_close(resumed, full[:, split - 1 :])
+
+
+def test_state_for_another_model_or_tokenizer_is_refused(tmp_path):
+    engine = make_engine()
+    path = tmp_path / "s.state"
+    engine.save_state(path, engine.read("some context"))
+    with pytest.raises(ContextStateError, match="another model"):
+        make_engine(seed=1).load_state(path)  # other weights
+    with pytest.raises(ContextStateError, match="another model"):
+        make_engine(memory_len=2).load_state(path)  # other config
+    with pytest.raises(ContextStateError, match="'rmt' model"):
+        make_engine("rmt").load_state(path)
+
+    class OtherBytes(ByteTokenizer):
+        def fingerprint(self) -> str:
+            return "bytes-v2"
+
+    with pytest.raises(ContextStateError, match="another tokenizer"):
+        Engine(engine.model, OtherBytes()).load_state(path)
+    (tmp_path / "junk").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
+    with pytest.raises(ContextStateError, match="not a foldformer context state"):
+        engine.load_state(tmp_path / "junk")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        engine.load_state(tmp_path / "missing")
+    # an empty context and a one-token one round-trip too (no tensors yet)
+    for context in (ContextState(), engine.read("x")):
+        engine.save_state(path, context)
+        assert engine.load_state(path) == context
+
+
+@pytest.mark.parametrize("model_type", ["peer_rmt", "peer_infini", "peer_xl"])
+def test_peers_generate_in_batches_and_resume_from_a_saved_state(model_type, tmp_path):
+    from foldformer.variants.peers import PEERS, peer_available
+
+    if not peer_available(model_type):
+        pytest.skip(
+            f"{PEERS[model_type].package} is not installed (pip install 'foldformer[peers]')"
+        )
+    memory = {"peer_rmt": 2, "peer_infini": 0, "peer_xl": 3}[model_type]
+    torch.manual_seed(0)
+    model = build_model(model_type, {**SHAPE, "memory_len": memory}).eval()
+    engine = Engine(model, ByteTokenizer())
+    prompts, config = ["ab", "a longer one"], SamplingConfig(max_new_tokens=5, seed=2)
+    batch = engine.complete(prompts, None, config)
+    assert [c.token_ids for c in batch] == [engine.complete([p], None, config)[0].token_ids
+                                            for p in prompts]  # fmt: skip
+    ids = list(b"a stream of some thirty tokens or so")
+    first = engine.read(ids[:13])
+    engine.save_state(tmp_path / "s.state", first)
+    loaded = engine.load_state(tmp_path / "s.state")
+    rest = torch.tensor([[first.last_token] + ids[13:]])
+    with torch.no_grad():
+        assert torch.equal(model(rest, memory=first.memory).logits,
+                           model(rest, memory=loaded.memory).logits)  # fmt: skip
