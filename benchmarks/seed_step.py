@@ -9,11 +9,12 @@ This script times the same compiled training step (benchmarks/throughput.py's Tr
 chunked loss, fused AdamW, per-fold checkpointing, bf16) with each attention kernel PyTorch
 offers for the fold:
 
-- cudnn, flash, efficient, math: `scaled_dot_product_attention` restricted to one backend
-  (`torch.nn.attention.sdpa_kernel`), chosen when the fold step is compiled;
+- cudnn, flash, efficient, math: the model's ``attention="sdpa"`` kernel restricted to one
+  backend (`torch.nn.attention.sdpa_kernel`), chosen when the fold step is compiled;
 - packed: FlexAttention over several batch rows packed into one sequence with a
   block-diagonal causal mask (`packed_causal_attention` below), so one tile holds several
-  folds.
+  folds; registered in the model's attention table (`foldformer.layers.register_attention`)
+  and chosen with ``attention="packed"`` in the model config.
 
 Before timing, each kernel's output and gradients on one fold are compared with a float64
 reference ("max_error" in the row). `--rows width` times batch widths and sequence lengths
@@ -40,23 +41,26 @@ import torch.nn.functional as F
 from throughput import DEVICE, bench_training, matmul_rate, preset_config
 from torch import Tensor
 
-import foldformer.model as model_module
+from foldformer.layers import ATTENTION, register_attention, sdpa_attention
 
 SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
 ATTENTIONS = (*SDPA_BACKENDS, "packed")
 
 
-def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """foldformer.model.causal_attention for short folds on a GPU: FlexAttention over several
+def packed_causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """The model's causal attention for short folds on a GPU: FlexAttention over several
     batch rows packed into one sequence of at most 128 positions (one tile), each row masked to
     itself. Fused kernels pad a 24-position fold to a 64-128-query tile; packing fills the
-    tile. Meant for a compiled fold step (FlexAttention is slow eager, no CPU backward)."""
+    tile. Meant for a compiled fold step (FlexAttention is slow eager, no CPU backward); a
+    cached or masked call (a partial fold) is plain SDPA."""
     from torch.nn.attention.flex_attention import flex_attention
 
     B, H, N, D = q.shape
     rows = next((r for r in range(128 // N, 1, -1) if B % r == 0), 1)
-    if rows == 1 or dropout_p:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    if rows == 1 or dropout_p or mask is not None or k.shape[2] != N:
+        return sdpa_attention(q, k, v, mask, dropout_p)
 
     def same_row_causal(score, b, h, q_idx, kv_idx):
         keep = (q_idx // N == kv_idx // N) & (kv_idx <= q_idx)
@@ -69,27 +73,23 @@ def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 
     return y.transpose(1, 2).reshape(B, N, H, D).transpose(1, 2)
 
 
-@contextlib.contextmanager
-def attention_kernel(name: str):
-    """Every whole-fold attention inside the block runs on kernel `name`."""
+register_attention("packed", packed_causal_attention)
+
+
+def kernel_setting(name: str) -> tuple[str, contextlib.AbstractContextManager]:
+    """The model config's `attention` for row kernel `name`, and the SDPA backends allowed
+    while the fold step is compiled (one backend for the SDPA rows)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if name == "packed":
-        original = model_module.causal_attention
-        model_module.causal_attention = packed_causal_attention
-        try:
-            yield
-        finally:
-            model_module.causal_attention = original
-        return
+        return "packed", contextlib.nullcontext()
     backend = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "flash": SDPBackend.FLASH_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH,
     }[name]
-    with sdpa_kernel([backend]):
-        yield
+    return "sdpa", sdpa_kernel([backend])
 
 
 def kernel_error(name: str, batch: int = 64, fold: int = 24, heads: int = 6, dim: int = 64):
@@ -107,8 +107,9 @@ def kernel_error(name: str, batch: int = 64, fold: int = 24, heads: int = 6, dim
     reference = run(
         torch.float64, lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)
     )
-    with attention_kernel(name):
-        compiled = torch.compile(lambda a, b, c: model_module.causal_attention(a, b, c))
+    attention, backends = kernel_setting(name)
+    with backends:
+        compiled = torch.compile(lambda a, b, c: ATTENTION[attention](a, b, c))
         got = run(torch.bfloat16, compiled)
     torch._dynamo.reset()
     return max((g - r).abs().max().item() for g, r in zip(got, reference, strict=True))
@@ -117,12 +118,13 @@ def kernel_error(name: str, batch: int = 64, fold: int = 24, heads: int = 6, dim
 def row(
     name: str, batch: int, seq_len: int, checkpoint: bool, mode: str, rate: float
 ) -> dict[str, Any]:
-    config = preset_config("seed", 257)
+    attention, backends = kernel_setting(name)
+    config = preset_config("seed", 257).replace(attention=attention)
     start = time.perf_counter()
     out: dict[str, Any] = {"attention": name}
     try:
         out["max_error"] = kernel_error(name)
-        with attention_kernel(name):
+        with backends:
             out.update(bench_training(config, batch, seq_len, mode, checkpoint, 3, rate))
     except Exception as error:  # one kernel failing must not lose the other rows
         out.update(batch=batch, seq_len=seq_len, checkpoint=checkpoint, compile_mode=mode)

@@ -9,7 +9,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 FOLD_IN_VARIANTS = ("norm", "norm_linear", "none")
 NORMS = ("rmsnorm", "layernorm")
@@ -26,8 +26,17 @@ class ConfigError(ValueError):
 class JsonConfig:
     """Mixin: dict/JSON round-trip for flat dataclasses, with unknown keys rejected by name."""
 
+    # Fields added after configs were first written: left out of `to_dict` at their default, so
+    # files and run configs written before they existed compare equal to new ones.
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ()
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        values = dataclasses.asdict(self)  # type: ignore[call-overload]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        for name in self.LATER_FIELDS:
+            if values[name] == defaults[name]:
+                del values[name]
+        return values
 
     @classmethod
     def from_dict(cls: type[T], values: dict[str, Any]) -> T:
@@ -62,13 +71,12 @@ def _check(condition: bool, message: str) -> None:
 
 
 @dataclass
-class FoldedConfig(JsonConfig):
-    """Shape of a folded-context decoder (DESIGN.md §3).
+class DecoderConfig(JsonConfig):
+    """The shape every model of the project shares (the in-house ones and the PyPI peers).
 
-    A sequence is read in segments of ``segment_len`` tokens (w). Before each segment, the
-    last ``memory_len`` (m) final-layer token states of the previous fold are fed back at the
-    input of the stack ("folded" in time), so the fold sees m + w positions. ``memory_len=0``
-    gives independent segments; ``segment_len >= T`` gives a plain full-attention GPT.
+    A stream is read in segments of ``segment_len`` tokens (w) with a memory of ``memory_len``
+    (m) states whose meaning each model gives (the folded model: final-layer states folded back
+    to the input of the stack).
     """
 
     vocab_size: int = 257
@@ -78,24 +86,7 @@ class FoldedConfig(JsonConfig):
     d_ff: int | None = None  # default 4 * d_model (8/3 * d_model rounded for swiglu)
     segment_len: int = 8
     memory_len: int = 8
-    fold_in: str = "norm"  # how a top-of-stack state re-enters at the bottom
-    norm: str = "rmsnorm"
-    activation: str = "gelu"
     dropout: float = 0.0
-    tie_embeddings: bool = True
-    learned_initial_memory: bool = True  # False: the initial memory is a fixed zero block
-    rope_base: float = 10000.0
-    init_std: float = 0.02
-    # Beyond the note (off = the note's plain fold): the next memory is a learned per-channel
-    # mix g * old + (1 - g) * new of the old memory and the fold's last m final states.
-    memory_gate: bool = False
-    # The gate's squashing function: "sigmoid" never reaches 1, so what it keeps decays as g^k
-    # over k folds; "hardsigmoid" (exactly 0 or 1 past |x| >= 3) and "clamp_st" (a sigmoid
-    # stretched by 10% and clamped to [0, 1], with the sigmoid's gradient passed straight
-    # through the clamp) can hold a channel unchanged over any number of folds
-    # (docs/retrieval.md).
-    gate_activation: str = "sigmoid"
-    gate_bias: float = 0.0  # initial gate bias: 0 = half old, half new
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len"):
@@ -118,27 +109,93 @@ class FoldedConfig(JsonConfig):
             "rotary embeddings",
         )
         if self.d_ff is None:
-            self.d_ff = (
-                _round_up(int(8 * self.d_model / 3), 8)
-                if self.activation == "swiglu"
-                else 4 * self.d_model
-            )
+            self.d_ff = self.default_d_ff()
         _check(
             isinstance(self.d_ff, int) and self.d_ff >= 1,
             f"d_ff must be a positive integer, got {self.d_ff!r}",
         )
-        _check(
-            self.fold_in in FOLD_IN_VARIANTS,
-            f"fold_in={self.fold_in!r} is not one of {FOLD_IN_VARIANTS}",
-        )
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def default_d_ff(self) -> int:
+        return 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class TransformerConfig(DecoderConfig):
+    """The in-house block stack (foldformer.layers): norms, MLP, rotary positions, GPT-2
+    initialisation, and the attention kernel (a name in ``foldformer.layers.ATTENTION``:
+    "sdpa", "eager", "flex", ...; every kernel computes the same attention)."""
+
+    norm: str = "rmsnorm"
+    activation: str = "gelu"
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+    attention: str = "sdpa"  # the kernel: no part of the model's weights or numbers
+
+    LATER_FIELDS = ("attention",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from foldformer.layers import ATTENTION  # the table lives with the kernels
+
         _check(self.norm in NORMS, f"norm={self.norm!r} is not one of {NORMS}")
         _check(
             self.activation in ACTIVATIONS,
             f"activation={self.activation!r} is not one of {ACTIVATIONS}",
         )
-        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
         _check(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base!r}")
         _check(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+        _check(
+            self.attention in ATTENTION,
+            f"attention={self.attention!r} is not one of {tuple(ATTENTION)}",
+        )
+        _check(
+            not (self.attention == "flex" and self.dropout),
+            f"attention='flex' has no dropout, got dropout={self.dropout!r}",
+        )
+
+    def default_d_ff(self) -> int:
+        if self.activation == "swiglu":
+            return _round_up(int(8 * self.d_model / 3), 8)
+        return 4 * self.d_model
+
+
+@dataclass
+class FoldedConfig(TransformerConfig):
+    """Shape of a folded-context decoder (DESIGN.md §3).
+
+    A sequence is read in segments of ``segment_len`` tokens (w). Before each segment, the
+    last ``memory_len`` (m) final-layer token states of the previous fold are fed back at the
+    input of the stack ("folded" in time), so the fold sees m + w positions. ``memory_len=0``
+    gives independent segments; ``segment_len >= T`` gives a plain full-attention GPT.
+    """
+
+    fold_in: str = "norm"  # how a top-of-stack state re-enters at the bottom
+    learned_initial_memory: bool = True  # False: the initial memory is a fixed zero block
+    # Beyond the note (off = the note's plain fold): the next memory is a learned per-channel
+    # mix g * old + (1 - g) * new of the old memory and the fold's last m final states.
+    memory_gate: bool = False
+    # The gate's squashing function: "sigmoid" never reaches 1, so what it keeps decays as g^k
+    # over k folds; "hardsigmoid" (exactly 0 or 1 past |x| >= 3) and "clamp_st" (a sigmoid
+    # stretched by 10% and clamped to [0, 1], with the sigmoid's gradient passed straight
+    # through the clamp) can hold a channel unchanged over any number of folds
+    # (docs/retrieval.md).
+    gate_activation: str = "sigmoid"
+    gate_bias: float = 0.0  # initial gate bias: 0 = half old, half new
+
+    LATER_FIELDS = ("attention", "gate_activation", "gate_bias")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.fold_in in FOLD_IN_VARIANTS,
+            f"fold_in={self.fold_in!r} is not one of {FOLD_IN_VARIANTS}",
+        )
         _check(
             self.gate_activation in GATE_ACTIVATIONS,
             f"gate_activation={self.gate_activation!r} is not one of {GATE_ACTIVATIONS}",
@@ -148,10 +205,6 @@ class FoldedConfig(JsonConfig):
             f"memory_gate needs memory_len <= segment_len (the gated rows are new states), got "
             f"memory_len={self.memory_len}, segment_len={self.segment_len}",
         )
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     @property
     def fold_len(self) -> int:

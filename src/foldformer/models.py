@@ -3,12 +3,13 @@
 All of them follow one protocol, so one training loop and one evaluation suite serve them::
 
     out = model(input_ids, memory=None, labels=None, reset_mask=None,
-                bptt=0, checkpoint=False, logits_to_keep=0)
+                bptt=0, checkpoint=False, logits_to_keep=0, return_logits=True)
     out.logits, out.loss, out.memory   # memory: pass back to continue the stream exactly
     model.config.segment_len, model.config.vocab_size
     model.save_pretrained(directory)   # config.json (with "model_type") + model.safetensors
 
-Variants register themselves here with `register`.
+The protocol is `foldformer.streaming.StreamingLM`: the segment driver owns the loop over
+segments, each model one segment. Variants register themselves here with `register`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ recurrent state between segments and between calls. Install them with
 A stream that stops mid-segment keeps the tokens of the partial segment; the next call runs the
 peer again over the whole partial segment with the same state (a recomputation, so chunking does
 not change the logits, at the cost of re-reading up to w − 1 tokens) and the state advances only
-when a segment completes. Where a peer differs from the project protocol is said in
+when a segment completes (a segment completed that way is read once more for the new state). Where a peer differs from the project protocol is said in
 docs/baselines.md.
 """
 
@@ -29,11 +29,9 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from foldformer.config import ConfigError, FoldedConfig, JsonConfig
-from foldformer.model import FoldedOutput, StreamingLM, language_model_loss, reset_columns
-from foldformer.variants.base import check_token_inputs, expand_reset_mask
+from foldformer.config import ConfigError, DecoderConfig
+from foldformer.streaming import StreamingLM, StreamState
 
 
 class PeerUnavailableError(ImportError):
@@ -58,7 +56,7 @@ def require_peer(module: str, package: str, model_type: str):
 
 
 @dataclass
-class PeerConfig(JsonConfig):
+class PeerConfig(DecoderConfig):
     """The shape fields every adapter shares, named as in FoldedConfig.
 
     d_ff sets the peer's ``ff_mult = d_ff / d_model``; the peer decides its own inner width
@@ -66,26 +64,11 @@ class PeerConfig(JsonConfig):
     memory_len is the peer's memory size where it has one (see each adapter).
     """
 
-    vocab_size: int = 257
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    d_ff: int | None = None  # default 4 * d_model
-    segment_len: int = 8
-    memory_len: int = 8
-    dropout: float = 0.0
-
     # memory_len bounds per adapter: (minimum, maximum or None, why)
     MEMORY_LEN_RANGE: ClassVar[tuple[int, int | None, str]] = (0, None, "")
 
     def __post_init__(self) -> None:
-        shared = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "segment_len")
-        core = FoldedConfig(
-            **{name: getattr(self, name) for name in shared},
-            memory_len=self.memory_len,
-            dropout=self.dropout,
-        )
-        self.d_ff = core.d_ff
+        super().__post_init__()
         low, high, why = self.MEMORY_LEN_RANGE
         if self.memory_len < low or (high is not None and self.memory_len > high):
             bound = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -94,67 +77,22 @@ class PeerConfig(JsonConfig):
             )
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
     def ff_mult(self) -> float:
         return self.d_ff / self.d_model
 
 
 @dataclass
-class PeerState:
-    """tensors: the peer's recurrent state, flattened to named tensors with the batch first
+class PeerState(StreamState):
+    """state: the peer's recurrent state, flattened to named tensors with the batch first
     (empty for a fresh stream). pending: (B, p) tokens of the current, incomplete segment."""
 
-    tensors: dict[str, Tensor] = field(default_factory=dict)
+    state: dict[str, Tensor] = field(default_factory=dict)
     pending: Tensor | None = None
 
-    def _map(self, fn) -> PeerState:
-        pending = None if self.pending is None else fn(self.pending)
-        return PeerState({k: fn(v) for k, v in self.tensors.items()}, pending)
-
-    @property
-    def batch_size(self) -> int | None:
-        for t in [*self.tensors.values(), self.pending]:
-            if t is not None:
-                return t.shape[0]
-        return None  # a fresh state fits any batch
+    BATCH_DIMS: ClassVar[dict[str, int]] = {"state": 0, "pending": 0}
 
     def tokens_in_segment(self) -> int:
         return 0 if self.pending is None else self.pending.shape[1]
-
-    def to(self, *args, **kwargs) -> PeerState:
-        tensors = {k: v.to(*args, **kwargs) for k, v in self.tensors.items()}
-        if self.pending is None:
-            return PeerState(tensors, None)
-        device = torch.empty(0).to(*args, **kwargs).device  # token ids move, keep their dtype
-        return PeerState(tensors, self.pending.to(device=device))
-
-    def detach(self) -> PeerState:
-        return self._map(Tensor.detach)
-
-    def index(self, rows: Tensor | slice | list[int]) -> PeerState:
-        return self._map(lambda t: t[rows])
-
-    @classmethod
-    def concat(cls, states: list[PeerState]) -> PeerState:
-        """One state of all the rows of `states` (e.g. the micro-batches of a step)."""
-        first = states[0]
-        tensors = {k: torch.cat([s.tensors[k] for s in states]) for k in first.tensors}
-        pending = None if first.pending is None else torch.cat([s.pending for s in states])
-        return cls(tensors, pending)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        out = {f"state.{k}": v.contiguous() for k, v in self.tensors.items()}
-        if self.pending is not None:
-            out["pending"] = self.pending.contiguous()
-        return out
-
-    @classmethod
-    def from_state_dict(cls, tensors: dict[str, Tensor]) -> PeerState:
-        state = {k[len("state.") :]: v for k, v in tensors.items() if k.startswith("state.")}
-        return cls(state, tensors.get("pending"))
 
 
 def _stacked(prefix: str, tensors: list[Tensor], batch_dim: int) -> dict[str, Tensor]:
@@ -167,23 +105,25 @@ def _unstacked(prefix: str, tensors: dict[str, Tensor], batch_dim: int) -> list[
 
 
 # ---------------------------------------------------------------------------------------------
-# The adapter: segment loop, state, loss, save/load
+# The adapter: one segment of the peer's module per step of the segment driver
 # ---------------------------------------------------------------------------------------------
 
 
 class PeerModel(StreamingLM):
-    """Base adapter. Subclasses build ``self.net`` and implement `run_segment`."""
+    """Base adapter. Subclasses build ``self.net`` and implement `run_segment` and
+    `embedding_parameters`.
+
+    bptt detaches the state every `bptt` segments where the peer keeps a graph across
+    segments (peer_rmt's memory tokens, peer_infini's memory); the other peers detach their
+    state themselves. A reset of every row starts fresh streams; a reset of some rows zeroes
+    their state, which is the peer's fresh state only where the peer starts from zeros (docs).
+    """
 
     model_type: ClassVar[str] = ""
     config_class: ClassVar[type[PeerConfig]] = PeerConfig
     state_class: ClassVar[type[PeerState]] = PeerState
     package: ClassVar[str] = ""
     carries_gradient: ClassVar[bool] = False  # does the state keep a graph across segments
-
-    def __init__(self, config: PeerConfig):
-        super().__init__(config)
-
-    # -- to implement ------------------------------------------------------------------------
 
     def run_segment(
         self, tokens: Tensor, state: dict[str, Tensor], complete: bool
@@ -192,94 +132,33 @@ class PeerModel(StreamingLM):
         with `state` ({} for a fresh stream); and, if `complete`, the state after it."""
         raise NotImplementedError
 
-    def embedding_parameters(self) -> list[nn.Parameter]:
-        """Token/position embeddings and output projection (left out of non-embedding counts)."""
-        raise NotImplementedError
+    # -- one segment: what the segment driver calls --------------------------------------------
 
-    # -- the protocol --------------------------------------------------------------------------
+    def initial_state(self, batch_size: int) -> PeerState:
+        return PeerState()
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        memory: PeerState | None = None,
-        labels: Tensor | None = None,
-        reset_mask: Tensor | None = None,
-        bptt: int = 0,
-        checkpoint: bool = False,
-        logits_to_keep: int = 0,
-    ) -> FoldedOutput:
-        """Read a chunk of the stream (same arguments as FoldedTransformer.forward).
+    def whole_segment(self, state, tokens, context):
+        logits, new = self.run_segment(tokens, state.state, True)
+        return logits, PeerState(new)
 
-        bptt detaches the state every `bptt` segments where the peer keeps a graph across
-        segments (peer_rmt's memory tokens, peer_infini's memory); the other peers detach
-        their state themselves. checkpoint recomputes each complete segment in backward.
-        A reset of every row starts fresh streams; a reset of some rows zeroes their state,
-        which is the peer's fresh state only where the peer starts from zeros (docs).
-        """
-        check_token_inputs(input_ids, labels, reset_mask, self.config.vocab_size)
-        B, T = input_ids.shape
-        if memory is not None:
-            if not isinstance(memory, PeerState):
-                raise TypeError(
-                    f"memory must be the PeerState returned by the model, got "
-                    f"{type(memory).__name__}"
-                )
-            if memory.batch_size not in (None, B):
-                raise ValueError(
-                    f"memory holds {memory.batch_size} rows but input_ids has batch size {B}"
-                )
-        w = self.config.segment_len
-        state = memory if memory is not None else PeerState()
-        resets = expand_reset_mask(reset_mask, T)
-        resets_at = reset_columns(resets)
+    def partial_segment(self, state, tokens, context):
+        """The peer runs again over the whole partial segment, with the same state."""
+        p = state.tokens_in_segment()
+        if p:
+            tokens = torch.cat([state.pending, tokens], dim=1)
+        logits, _ = self.run_segment(tokens, state.state, False)
+        return logits[:, p:], PeerState(state.state, tokens)
 
-        logits, t, done = [], 0, 0
-        while t < T:
-            p = state.tokens_in_segment()
-            if t in resets_at:
-                state = self._reset_rows(state, resets[:, t], w)
-            n = min(w - p, T - t)
-            tokens = input_ids[:, t : t + n]
-            if p:
-                tokens = torch.cat([state.pending, tokens], dim=1)
-            complete = p + n == w
-            if complete and checkpoint and torch.is_grad_enabled():
-                out, new = activation_checkpoint(
-                    self.run_segment, tokens, state.tensors, True, use_reentrant=False
-                )
-            else:
-                out, new = self.run_segment(tokens, state.tensors, complete)
-            logits.append(out[:, p:])
-            t += n
-            if complete:
-                state = PeerState(new)
-                done += 1
-                if bptt and done % bptt == 0:
-                    state = state.detach()
-            else:
-                state = PeerState(state.tensors, tokens)
+    def condense(self, state: PeerState) -> PeerState:
+        """The completed segment read once more, for the peer's state after it."""
+        return PeerState(self.run_segment(state.pending, state.state, True)[1])
 
-        logits = torch.cat(logits, dim=1)
-        if logits_to_keep:
-            logits = logits[:, -logits_to_keep:]
-            labels = None if labels is None else labels[:, -logits_to_keep:]
-        loss = None if labels is None else language_model_loss(logits, labels)
-        return FoldedOutput(logits=logits, memory=state, loss=loss)
-
-    def _reset_rows(self, state: PeerState, rows: Tensor, w: int) -> PeerState:
-        if state.tokens_in_segment():
-            raise ValueError(
-                "reset_mask resets rows only on a segment boundary, but the state holds "
-                f"{state.tokens_in_segment()} of {w} tokens of the current segment"
-            )
-        if bool(rows.all()) or not state.tensors:
+    def reset_rows(self, state: PeerState, rows: Tensor) -> PeerState:
+        if bool(rows.all()) or not state.state:
             return PeerState()
         keep = ~rows
         return PeerState(
-            {
-                k: v * keep.view(-1, *[1] * (v.dim() - 1)).to(v.dtype)
-                for k, v in state.tensors.items()
-            }
+            {k: v * keep.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in state.state.items()}
         )
 
 

@@ -25,28 +25,21 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from foldformer.model import FoldedOutput, reset_columns, rotary_tables, run_stack
-from foldformer.variants.base import (
-    VariantConfig,
-    VariantModel,
-    VariantState,
-    check_state_type,
-    check_token_inputs,
-    expand_reset_mask,
-)
+from foldformer.config import TransformerConfig
+from foldformer.layers import TransformerLM, run_stack
+from foldformer.streaming import StreamState
 
 
 @dataclass
-class RMTConfig(VariantConfig):
+class RMTConfig(TransformerConfig):
     """segment_len: tokens per segment (w); memory_len: memory tokens (n)."""
 
     learned_initial_memory: bool = True  # False: the initial memory is a fixed zero block
 
 
 @dataclass
-class RMTState(VariantState):
+class RMTState(StreamState):
     """memory: (B, n, d) memory tokens read by the current segment.
     keys, values: (L, B, heads, n + p, head_dim) of the current segment so far, or None on a
     segment boundary (p = 0)."""
@@ -61,12 +54,13 @@ class RMTState(VariantState):
         return 0 if self.keys is None else self.keys.shape[3] - self.memory.shape[1]
 
 
-class RecurrentMemoryTransformer(VariantModel):
-    """Memory tokens read at the start and written at the end of every segment."""
+class RecurrentMemoryTransformer(TransformerLM):
+    """Memory tokens read at the start and written at the end of every segment; resets
+    restart a row from M0."""
 
     model_type: ClassVar[str] = "rmt"
-    config_class: ClassVar[type[VariantConfig]] = RMTConfig
-    state_class: ClassVar[type[VariantState]] = RMTState
+    config_class: ClassVar[type] = RMTConfig
+    state_class: ClassVar[type] = RMTState
 
     def __init__(self, config: RMTConfig):
         super().__init__(config)
@@ -84,83 +78,31 @@ class RecurrentMemoryTransformer(VariantModel):
         self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Run the stack over x (B, N, d) at positions P … P+N−1 (P = cached length)."""
-        P, c = (0 if cache is None else cache[0].shape[3]), self.config
-        rope = rotary_tables(P + x.shape[1], c.head_dim, c.rope_base, x.device, x.dtype)
-        return run_stack(self.blocks, x, rope, cache)
+        P = 0 if cache is None else cache[0].shape[3]
+        return run_stack(self.blocks, x, self.rotary(P + x.shape[1], x), cache)
 
-    def complete_segment(self, memory: Tensor, segment: Tensor) -> tuple[Tensor, Tensor]:
+    # -- one segment: what the segment driver calls --------------------------------------------
+
+    def whole_segment(self, state, segment, context):
         """[read M, segment, write M] in one causal pass: the segment's final states and the
         next memory."""
-        memory = memory.to(segment.dtype)
+        memory = state.memory.to(segment.dtype)
         n = memory.shape[1]
         top, _, _ = self.run_blocks(torch.cat([memory, segment, memory], dim=1))
-        return top[:, n : top.shape[1] - n], self.norm_out(top[:, top.shape[1] - n :])
+        new_memory = self.norm_out(top[:, top.shape[1] - n :])
+        return top[:, n : top.shape[1] - n], RMTState(memory=new_memory)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        memory: RMTState | None = None,
-        labels: Tensor | None = None,
-        reset_mask: Tensor | None = None,
-        bptt: int = 0,
-        checkpoint: bool = False,
-        logits_to_keep: int = 0,
-    ) -> FoldedOutput:
-        """Read a chunk of the stream (same arguments as FoldedTransformer.forward).
+    def partial_segment(self, state, segment, context):
+        if state.keys is None:  # the segment starts here: the read memory goes first
+            read = state.memory.to(segment.dtype)
+            top, keys, values = self.run_blocks(torch.cat([read, segment], dim=1))
+            out = top[:, read.shape[1] :]
+        else:
+            out, keys, values = self.run_blocks(segment, (state.keys, state.values))
+        return out, RMTState(state.memory, keys, values)
 
-        bptt: detach the memory every `bptt` completed segments (0: backpropagate through
-        all). checkpoint recomputes each complete segment in backward. Resets (restart a row
-        from M0) must fall on segment boundaries.
-        """
-        check_token_inputs(input_ids, labels, reset_mask, self.config.vocab_size)
-        B, T = input_ids.shape
-        check_state_type(memory, RMTState, B)
-        w, n = self.config.segment_len, self.config.memory_len
-        state = memory if memory is not None else self.initial_state(B)
-        resets = expand_reset_mask(reset_mask, T)
-        resets_at = reset_columns(resets)
-        x = self.drop(self.embed(input_ids))
-
-        outputs, t, segments_done = [], 0, 0
-        while t < T:
-            p = state.tokens_in_segment()
-            if t in resets_at:
-                if p != 0:
-                    raise ValueError(
-                        "reset_mask resets rows only on a segment boundary, but the state holds "
-                        f"{p} of {w} tokens of the current segment"
-                    )
-                fresh = self.initial_memory.unsqueeze(0).to(state.memory.dtype)
-                state = RMTState(memory=torch.where(resets[:, t, None, None], fresh, state.memory))
-            k = min(w - p, T - t)
-            segment = x[:, t : t + k]
-            if p == 0 and k == w:  # the common case: read, segment and write in one pass
-                if checkpoint and torch.is_grad_enabled():
-                    out, new_memory = activation_checkpoint(
-                        self.complete_segment, state.memory, segment, use_reentrant=False
-                    )
-                else:
-                    out, new_memory = self.complete_segment(state.memory, segment)
-            else:
-                read = state.memory.to(segment.dtype)
-                if p == 0:  # the segment starts here: the read memory goes first
-                    top, keys, values = self.run_blocks(torch.cat([read, segment], dim=1))
-                    out = top[:, n:]
-                else:
-                    out, keys, values = self.run_blocks(segment, (state.keys, state.values))
-                new_memory = None
-                if p + k == w:  # complete: the write tokens read the whole segment
-                    written, _, _ = self.run_blocks(read, (keys, values))
-                    new_memory = self.norm_out(written)
-                else:
-                    state = RMTState(state.memory, keys, values)
-            outputs.append(out)
-            t += k
-            if new_memory is not None:
-                state = RMTState(memory=new_memory)
-                segments_done += 1
-                if bptt and segments_done % bptt == 0:
-                    state = state.detach()
-
-        logits, loss = self.logits_and_loss(torch.cat(outputs, dim=1), labels, logits_to_keep)
-        return FoldedOutput(logits=logits, memory=state, loss=loss)
+    def condense(self, state: RMTState) -> RMTState:
+        """The write tokens read the whole segment through its cache: the next memory."""
+        read = state.memory.to(self.embed.weight.dtype)  # the dtype of the segment's inputs
+        written, _, _ = self.run_blocks(read, (state.keys, state.values))
+        return RMTState(memory=self.norm_out(written))

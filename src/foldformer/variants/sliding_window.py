@@ -9,6 +9,10 @@ stream, not to the chunk a call receives) and a block's queries see a window of 
 previous block and their own, through a band mask. Rotary positions are taken inside that
 window (keys 0 … 2w−1, queries w … 2w−1), so they never grow with the stream and every
 chunking of a stream does exactly the same arithmetic.
+
+The model has no recurrence, so it replaces the segment driver's loop (`read`) with that one
+block-parallel pass over the chunk; the driver's checks, reset rule (resets on block
+boundaries) and outputs are the same as every model's.
 """
 
 from __future__ import annotations
@@ -21,20 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from foldformer.config import ConfigError
-from foldformer.model import Attention, FoldedOutput, apply_rotary, rotary_tables
-from foldformer.variants.base import (
-    VariantConfig,
-    VariantModel,
-    VariantState,
-    check_state_type,
-    check_token_inputs,
-    expand_reset_mask,
-)
+from foldformer.config import ConfigError, TransformerConfig
+from foldformer.layers import Attention, TransformerLM, apply_rotary
+from foldformer.streaming import StreamState, check_reset_columns, reset_columns
 
 
 @dataclass
-class SlidingWindowConfig(VariantConfig):
+class SlidingWindowConfig(TransformerConfig):
     """segment_len is the window w (keys per query, itself included); memory_len must be 0."""
 
     memory_len: int = 0
@@ -48,7 +45,7 @@ class SlidingWindowConfig(VariantConfig):
 
 
 @dataclass
-class SlidingWindowState(VariantState):
+class SlidingWindowState(StreamState):
     """keys, values: (L, B, heads, P, head_dim) before rotary, P <= 2w − 1: the previous
     complete block (once there is one) and the p tokens read of the current block.
     prev_valid: (B,) whether the current block may see the previous one (False at the start
@@ -113,18 +110,21 @@ class WindowAttention(Attention):
         from_prev = (j < w).expand(w, 2 * w)
         visible = past_kv.prev_valid[:, None, :, None, None]  # (B, 1, n_blocks, 1, 1)
         mask = band & (~from_prev | visible)  # (B, 1, n_blocks, w, 2w)
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, dropout_p=dropout)
+        y = self.kernel(qw, kw, vw, mask, self.dropout if self.training else 0.0)
         y = y.reshape(B, h, n_blocks * w, hd)[:, :, p : p + N]
         return self.proj(y.transpose(1, 2).reshape(B, N, d)), keys, values
 
 
-class SlidingWindowTransformer(VariantModel):
-    """A decoder whose every layer sees only the last w positions (window = segment_len)."""
+class SlidingWindowTransformer(TransformerLM):
+    """A decoder whose every layer sees only the last w positions (window = segment_len).
+
+    bptt has no effect: the model has no recurrence; gradients reach as far back as the
+    windows of the chunk reach. checkpoint recomputes each layer in backward.
+    """
 
     model_type: ClassVar[str] = "sliding_window"
-    config_class: ClassVar[type[VariantConfig]] = SlidingWindowConfig
-    state_class: ClassVar[type[VariantState]] = SlidingWindowState
+    config_class: ClassVar[type] = SlidingWindowConfig
+    state_class: ClassVar[type] = SlidingWindowState
 
     def __init__(self, config: SlidingWindowConfig):
         super().__init__(config)
@@ -138,51 +138,24 @@ class SlidingWindowTransformer(VariantModel):
             prev_valid=torch.zeros(batch_size, dtype=torch.bool, device=device)
         )
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        memory: SlidingWindowState | None = None,
-        labels: Tensor | None = None,
-        reset_mask: Tensor | None = None,
-        bptt: int = 0,
-        checkpoint: bool = False,
-        logits_to_keep: int = 0,
-    ) -> FoldedOutput:
-        """Read a chunk of the stream (same arguments as FoldedTransformer.forward).
-
-        bptt is accepted and has no effect: the model has no recurrence; gradients reach as
-        far back as the windows of the chunk reach. checkpoint recomputes each layer in
-        backward. Resets must fall on block boundaries (multiples of w into the stream).
-        """
-        check_token_inputs(input_ids, labels, reset_mask, self.config.vocab_size)
-        B, T = input_ids.shape
-        check_state_type(memory, SlidingWindowState, B)
+    def read(self, x, state, resets, bptt, checkpoint):
+        """All the blocks of the chunk in one pass per layer, instead of the loop over segments."""
+        B, T, _ = x.shape
         w = self.config.segment_len
-        state = memory if memory is not None else self.initial_state(B)
         P = state.cached()
         has_prev, p = (True, P - w) if P >= w else (False, P)
         n_blocks = -(-(p + T) // w)
+        check_reset_columns(resets, p, w)
 
         # May query block c see block c − 1? Not before the stream's first block, nor across
         # a reset (resets fall on block starts).
-        prev_valid = torch.ones(B, n_blocks, dtype=torch.bool, device=input_ids.device)
+        prev_valid = torch.ones(B, n_blocks, dtype=torch.bool, device=x.device)
         prev_valid[:, 0] = state.prev_valid if has_prev else False
-        resets = expand_reset_mask(reset_mask, T)
-        if resets is not None and bool(resets.any()):
-            columns = resets.any(dim=0).nonzero().flatten().tolist()
-            misplaced = [c for c in columns if (p + c) % w != 0]
-            if misplaced:
-                raise ValueError(
-                    f"reset_mask resets rows only on a block boundary (every {w} tokens of the "
-                    f"stream); the stream holds {p} tokens of the current block, so token "
-                    f"{misplaced[0]} of this chunk is not on one"
-                )
-            for c in columns:
-                prev_valid[:, (p + c) // w] &= ~resets[:, c]
+        for c in sorted(reset_columns(resets)):
+            prev_valid[:, (p + c) // w] &= ~resets[:, c]
 
-        x = self.drop(self.embed(input_ids))
-        dtype, device = x.dtype, x.device
-        cos, sin = rotary_tables(2 * w, self.config.head_dim, self.config.rope_base, device, dtype)
+        dtype = x.dtype
+        cos, sin = self.rotary(2 * w, x)
         empty = x.new_zeros(B, self.config.n_heads, 0, self.config.head_dim)
         new_keys, new_values = [], []
         for layer, block in enumerate(self.blocks):
@@ -207,5 +180,4 @@ class SlidingWindowTransformer(VariantModel):
             keys=torch.stack(new_keys)[:, :, :, -keep:],
             values=torch.stack(new_values)[:, :, :, -keep:],
         )
-        logits, loss = self.logits_and_loss(x, labels, logits_to_keep)
-        return FoldedOutput(logits=logits, memory=next_state, loss=loss)
+        return x, next_state

@@ -27,27 +27,19 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from foldformer.model import FoldedOutput, reset_columns, rotary_tables
-from foldformer.variants.base import (
-    VariantConfig,
-    VariantModel,
-    VariantState,
-    check_state_type,
-    check_token_inputs,
-    expand_reset_mask,
-    memory_key_values,
-)
+from foldformer.config import TransformerConfig
+from foldformer.layers import Block, TransformerLM, apply_rotary
+from foldformer.streaming import StreamState
 
 
 @dataclass
-class TransformerXLConfig(VariantConfig):
+class TransformerXLConfig(TransformerConfig):
     """segment_len: tokens per segment (w); memory_len: cached states per layer (m)."""
 
 
 @dataclass
-class TransformerXLState(VariantState):
+class TransformerXLState(StreamState):
     """memory: (B, L, m, d) cached inputs of each layer (no gradient).
     keys, values: (L, B, heads, m + p, head_dim) of the current segment so far, or None on a
     segment boundary (p = 0). inputs: (B, L, p, d) each layer's inputs for those p tokens.
@@ -64,12 +56,30 @@ class TransformerXLState(VariantState):
         return 0 if self.inputs is None else self.inputs.shape[2]
 
 
-class TransformerXL(VariantModel):
-    """Segment-level recurrence with a per-layer cache of the previous segment's states."""
+def memory_key_values(
+    block: Block, states: Tensor, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Keys/values (B, heads, m, head_dim) that `block` computes for cached states (B, m, d).
+
+    Mirrors the projection of ``Attention.forward`` (pre-norm, fused qkv, rotary on keys).
+    """
+    attn = block.attn
+    B, m, _ = states.shape
+    qkv = attn.qkv(block.norm_attn(states)).view(B, m, 3, attn.n_heads, attn.head_dim)
+    k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+    return apply_rotary(k, cos, sin), v
+
+
+class TransformerXL(TransformerLM):
+    """Segment-level recurrence with a per-layer cache of the previous segment's states.
+
+    bptt has no effect (the cache is always gradient-stopped); resets restart a row from the
+    zero cache.
+    """
 
     model_type: ClassVar[str] = "transformer_xl"
-    config_class: ClassVar[type[VariantConfig]] = TransformerXLConfig
-    state_class: ClassVar[type[VariantState]] = TransformerXLState
+    config_class: ClassVar[type] = TransformerXLConfig
+    state_class: ClassVar[type] = TransformerXLState
 
     def __init__(self, config: TransformerXLConfig):
         super().__init__(config)
@@ -95,9 +105,7 @@ class TransformerXL(VariantModel):
         keys and values of all m + p + N positions, and each layer's inputs (B, L, N, d).
         """
         m, N = self.config.memory_len, x.shape[1]
-        cos, sin = rotary_tables(
-            m + p + N, self.config.head_dim, self.config.rope_base, x.device, x.dtype
-        )
+        cos, sin = self.rotary(m + p + N, x)
         keys, values, inputs = [], [], []
         for layer, block in enumerate(self.blocks):
             if cache is not None:
@@ -112,63 +120,22 @@ class TransformerXL(VariantModel):
             values.append(v)
         return x, torch.stack(keys), torch.stack(values), torch.stack(inputs, dim=1)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        memory: TransformerXLState | None = None,
-        labels: Tensor | None = None,
-        reset_mask: Tensor | None = None,
-        bptt: int = 0,
-        checkpoint: bool = False,
-        logits_to_keep: int = 0,
-    ) -> FoldedOutput:
-        """Read a chunk of the stream (same arguments as FoldedTransformer.forward).
+    # -- one segment: what the segment driver calls --------------------------------------------
 
-        bptt is accepted and has no effect: the cache is always gradient-stopped.
-        checkpoint recomputes each complete segment in backward. Resets (restart a row from
-        the zero cache) must fall on segment boundaries.
-        """
-        check_token_inputs(input_ids, labels, reset_mask, self.config.vocab_size)
-        B, T = input_ids.shape
-        check_state_type(memory, TransformerXLState, B)
-        w, m = self.config.segment_len, self.config.memory_len
-        state = memory if memory is not None else self.initial_state(B)
-        resets = expand_reset_mask(reset_mask, T)
-        resets_at = reset_columns(resets)
-        x = self.drop(self.embed(input_ids))
+    def whole_segment(self, state, segment, context):
+        out, _, _, inputs = self.run_segment(segment, state.memory)
+        return out, self.condense(TransformerXLState(state.memory, inputs=inputs))
 
-        outputs, t = [], 0
-        while t < T:
-            p = state.tokens_in_segment()
-            if t in resets_at:
-                if p != 0:
-                    raise ValueError(
-                        "reset_mask resets rows only on a segment boundary, but the state holds "
-                        f"{p} of {w} tokens of the current segment"
-                    )
-                fresh = torch.zeros_like(state.memory)
-                state = TransformerXLState(
-                    memory=torch.where(resets[:, t, None, None, None], fresh, state.memory)
-                )
-            n = min(w - p, T - t)
-            segment = x[:, t : t + n]
-            if p == 0 and n == w and checkpoint and torch.is_grad_enabled():
-                out, keys, values, inputs = activation_checkpoint(
-                    self.run_segment, segment, state.memory, use_reentrant=False
-                )
-            elif p == 0:
-                out, keys, values, inputs = self.run_segment(segment, state.memory)
-            else:
-                cache = (state.keys, state.values)
-                out, keys, values, inputs = self.run_segment(segment, state.memory, cache, p)
-                inputs = torch.cat([state.inputs, inputs], dim=2)
-            outputs.append(out)
-            t += n
-            if p + n == w:  # segment complete: each layer caches its last m inputs
-                cached = torch.cat([state.memory.to(inputs.dtype), inputs], dim=2)
-                state = TransformerXLState(memory=cached[:, :, cached.shape[2] - m :].detach())
-            else:
-                state = TransformerXLState(state.memory, keys, values, inputs)
+    def partial_segment(self, state, segment, context):
+        p = state.tokens_in_segment()
+        cache = None if p == 0 else (state.keys, state.values)
+        out, keys, values, inputs = self.run_segment(segment, state.memory, cache, p)
+        if p:
+            inputs = torch.cat([state.inputs, inputs], dim=2)
+        return out, TransformerXLState(state.memory, keys, values, inputs)
 
-        logits, loss = self.logits_and_loss(torch.cat(outputs, dim=1), labels, logits_to_keep)
-        return FoldedOutput(logits=logits, memory=state, loss=loss)
+    def condense(self, state: TransformerXLState) -> TransformerXLState:
+        """Each layer caches its last m inputs, gradient stopped."""
+        cached = torch.cat([state.memory.to(state.inputs.dtype), state.inputs], dim=2)
+        m = self.config.memory_len
+        return TransformerXLState(memory=cached[:, :, cached.shape[2] - m :].detach())
