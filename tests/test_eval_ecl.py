@@ -17,14 +17,7 @@ from foldformer.evaluate.ecl import (
     unrelated_contexts,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy 2-core machine is not oversubscribed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_distance_grid_doubles_from_w_up_to_d_max():

@@ -14,13 +14,7 @@ from foldformer.evaluate.records import validate_record
 TOKENIZER = ByteTokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy 2-core machine is not oversubscribed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LONGEST_SENTENCE = max(len(" " + s) for s in FILLER_SENTENCES)

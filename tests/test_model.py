@@ -157,13 +157,15 @@ def test_streaming_peak_memory_does_not_grow_with_length():
 
 @pytest.mark.parametrize(
     "fold_in,norm,gate",
-    [("norm", "rmsnorm", False), ("norm_linear", "layernorm", False), ("norm", "rmsnorm", True)],
-)
+    [("norm", "rmsnorm", None), ("norm_linear", "layernorm", None), ("norm", "rmsnorm", "sigmoid"),
+     ("norm", "rmsnorm", "hardsigmoid"), ("norm", "rmsnorm", "clamp_st")],
+)  # fmt: skip
 def test_memory_norms_stay_bounded_over_ten_thousand_folds(fold_in, norm, gate):
     torch.manual_seed(0)
     config = FoldedConfig(
         vocab_size=64, d_model=32, n_layers=2, n_heads=4, segment_len=4, memory_len=4,
-        fold_in=fold_in, norm=norm, memory_gate=gate,
+        fold_in=fold_in, norm=norm, memory_gate=gate is not None,
+        gate_activation=gate or "sigmoid",
     )  # fmt: skip
     model = FoldedTransformer(config).eval()
     state, norms = None, []
