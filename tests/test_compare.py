@@ -332,12 +332,14 @@ def test_a_misspelt_per_model_field_in_the_file_is_refused(workspace):
         (["--lr", "0.1"], "override 'lr' is not section.key"),
         (["--set", "=3"], "override '' is not section.key"),
         (["--models", ","], "[compare] models is empty"),
+        (["--out", "{root}/micro.toml/out"], "micro.toml/out is not a writable folder"),
     ],
 )
 def test_a_bad_compare_flag_is_one_line_naming_it(workspace, capsys, argv, message):
     from foldformer.cli import console
 
     out = workspace / "out"
+    argv = [a.replace("{root}", str(workspace)) for a in argv]  # a later --out wins
     assert console(["compare", str(workspace / "micro.toml"), "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("foldformer: error: ") and err.count("\n") == 1, err

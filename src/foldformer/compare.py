@@ -471,8 +471,9 @@ def run_comparison(
     from foldformer.evaluate.common import resolve_device
     from foldformer.evaluate.records import load_records, write_records
     from foldformer.train import setup_distributed
+    from foldformer.train.trainer import check_writable
 
-    out_dir = Path(out_dir)
+    out_dir = check_writable(Path(out_dir))  # before the corpus is tokenized
     resolve_device(config.train.device, "train.device")  # one line for a device not here
     _, world_size, device = setup_distributed(config.train.device)
     if world_size > 1:
