@@ -319,6 +319,9 @@ def test_a_misspelt_per_model_field_in_the_file_is_refused(workspace):
     path.write_text(path.read_text() + "\n[overrides.rmt]\nmemory_lenn = 8\n")
     with pytest.raises(ConfigError, match=r"\[overrides.rmt\] sets \['memory_lenn'\]"):
         load_compare_config(path)  # was dropped silently when rmt's config was built
+    path.write_text("[overrides]\nrmt = 3\n")
+    with pytest.raises(ConfigError, match=r"\[overrides.rmt\] must be a table of fields, got 3"):
+        load_compare_config(path)  # was a TypeError traceback
 
 
 @pytest.mark.parametrize(

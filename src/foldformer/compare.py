@@ -171,6 +171,9 @@ class CompareConfig:
         unknown = sorted(set(values) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}; sections: {list(SECTIONS)}")
+        for name, fields in values.get("overrides", {}).items():
+            if not isinstance(fields, dict):
+                raise ConfigError(f"[overrides.{name}] must be a table of fields, got {fields!r}")
         return cls(
             model=dict(values.get("model", {})),
             compare=CompareSettings.from_dict(values.get("compare", {})),
