@@ -4,7 +4,8 @@
         [--only seed_train,base_train,stream,profile] [--budget SECONDS] [--resume OLD.json]
         [--quick]
 
-Training: the step the training loop runs (chunked loss, fused AdamW), with and without
+Training: the product's own step, `foldformer.train.Trainer.train_step` (chunked loss, the
+carried memory and reset mask, gradient clipping, AdamW and its schedule), with and without
 per-fold activation checkpointing, on random tokens, for several batch widths, eager or with
 the fold step compiled (`compile_mode` "default", or "reduce-overhead": CUDA graphs of the
 fold step). Streaming: `generate.ingest`-style chunked reading of 1K … 1M tokens a row with no
@@ -31,9 +32,11 @@ import argparse
 import contextlib
 import datetime
 import gc
+import io
 import json
 import math
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,9 +48,11 @@ import torch
 import torch._dynamo
 
 from foldformer import FoldedConfig, FoldedTransformer
+from foldformer.data.streams import Batch
 from foldformer.evaluate import flops
 from foldformer.model import FoldState
-from foldformer.train import PRESETS
+from foldformer.presets import PRESETS
+from foldformer.train import DataConfig, RunConfig, TrainConfig, Trainer, unwrap
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GROUPS = ("seed_train", "base_train", "stream", "profile")
@@ -107,34 +112,48 @@ def clone_state(state: FoldState) -> FoldState:
     return FoldState.from_state_dict({k: v.clone() for k, v in state.state_dict().items()})
 
 
+class FixedBatches:
+    """A batch source for Trainer: one batch of random tokens, no document boundaries."""
+
+    def __init__(self, vocab_size: int, batch: int, seq_len: int):
+        ids = torch.randint(0, vocab_size, (batch, seq_len))
+        self.batch = Batch(ids, ids, torch.zeros(batch, seq_len, dtype=torch.bool))
+
+    def next_batch(self) -> Batch:
+        return self.batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class TrainStep:
-    """One optimizer step of the training loop on fixed random tokens, memory carried."""
+    """One step of the product's training loop, `foldformer.train.Trainer.train_step` (carried
+    memory, resets, clipping, the optimizer and its schedule), bf16, on fixed random tokens."""
 
     def __init__(
         self, config: FoldedConfig, batch: int, seq_len: int, compile_mode: str, checkpoint: bool
     ):
-        torch.manual_seed(0)
-        self.model = FoldedTransformer(config).to(DEVICE)
+        settings = TrainConfig(batch_size=batch, seq_len=seq_len, checkpoint_folds=checkpoint,
+                               precision="bf16", device=DEVICE, lr=1e-4, max_steps=10**9,
+                               progress=False)  # fmt: skip
+        run = RunConfig({"model_type": "folded", **config.to_dict()}, settings, DataConfig())
+        self.out_dir = tempfile.TemporaryDirectory()  # Trainer writes run_config.json there
+        source = FixedBatches(config.vocab_size, batch, seq_len)
+        with contextlib.redirect_stdout(io.StringIO()):  # the trainer's banner
+            self.trainer = Trainer(run, self.out_dir.name, batch_source=source)
+        self.model = unwrap(self.trainer.model)
         self.compile_mode = compile_model(self.model, compile_mode)
         self.graphs = self.compile_mode == "reduce-overhead"
-        self.checkpoint = checkpoint
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=DEVICE == "cuda")
-        self.ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=DEVICE)
-        self.memory = fresh_state(self.model, batch)
+        self.trainer.stream_memory = fresh_state(self.model, batch)
+        self.batch = source.batch
 
     def __call__(self) -> None:
         if self.graphs:  # one training step is one CUDA-graph-tree iteration
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            out = self.model(
-                self.ids, memory=self.memory, labels=self.ids, checkpoint=self.checkpoint,
-                return_logits=False,
-            )  # fmt: skip
-        out.loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        memory = out.memory.detach()
-        self.memory = clone_state(memory) if self.graphs else memory
+        self.trainer.train_step(self.batch)  # the carried memory is a copy (FoldState.concat)
 
 
 def timed(fn: Callable[[], None], steps: int) -> float:
@@ -169,7 +188,7 @@ def bench_training(
     reset_peak()
     seconds = timed(step, steps)
     tokens_per_s = batch * seq_len / seconds
-    n = step.model.num_parameters()
+    n = step.trainer.n_params
     return {
         "batch": batch, "seq_len": seq_len, "folds_per_step": seq_len // config.segment_len,
         "vocab_size": config.vocab_size, "checkpoint": checkpoint,

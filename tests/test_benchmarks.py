@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -53,6 +54,30 @@ def test_bench_memory_and_throughput_count_flops_alike(throughput):
     (point,) = memory.bench_memory([spec], [64], ["training"], 2, "cpu", progress=False)
     assert point["model_config"]["non_embedding_parameters"] == row["non_embedding_parameters"]
     assert point["flops_per_token"] == pytest.approx(row["mfu"] * 1e12 / row["tokens_per_s"])
+
+
+def test_training_rows_time_the_products_own_step(throughput, monkeypatch):
+    """A training row runs Trainer.train_step itself (clipping, schedule, reset mask, carried
+    memory), not a copy of it: the same weights as the trainer's step on the same batch."""
+    from foldformer import FoldedConfig
+    from foldformer.train import Trainer
+
+    calls = []
+    step_of_trainer = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step",
+                        lambda self, batch: calls.append(batch) or step_of_trainer(self, batch))  # fmt: skip
+    config = FoldedConfig(vocab_size=257, d_model=32, n_layers=1, n_heads=1, segment_len=8,
+                          memory_len=8)  # fmt: skip
+    bench, reference = (throughput.TrainStep(config, 2, 32, "none", False) for _ in range(2))
+    bench()
+    bench()
+    assert len(calls) == 2 and bench.trainer.step == 2
+    assert bench.trainer.scheduler.last_epoch == 2 and bench.trainer.cfg.grad_clip == 1.0
+    for _ in range(2):
+        step_of_trainer(reference.trainer, bench.batch)
+    expected = reference.model.state_dict()
+    for name, value in bench.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
 
 
 def test_quick_run_measures_every_kind_and_profiles(throughput, tmp_path):

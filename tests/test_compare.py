@@ -4,6 +4,7 @@ a missing peer is skipped with its reason, and a re-run reuses finished models."
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -284,3 +285,65 @@ def test_bad_config_files_and_runs_fail_in_one_line_before_training(workspace, c
         err = capsys.readouterr().err
         assert "Traceback" not in err and message in err.strip().splitlines()[-1], err
         assert not (out / "models").exists()  # refused before any model trained
+
+
+def test_overrides_are_typed_like_train_options(workspace):
+    """compare reads `--set` and `--section.key` through foldformer.overrides: values by the
+    field's type (a string "no" is False, not a truthy string), per model by its own config."""
+    path = workspace / "micro.toml"
+    config = load_compare_config(
+        path,
+        {"model.memory_gate": "no", "train.lr": "3e-4", "train.progress": "yes",
+         "overrides.rmt.memory_len": "4", "overrides.folded_gate.memory_gate": "false",
+         "data.val": "books.tar.xz?authors=Austen,Dickens"},
+    )  # fmt: skip
+    assert config.model["memory_gate"] is False and config.train.lr == 3e-4
+    assert config.train.progress is True
+    assert config.overrides == {"rmt": {"memory_len": 4}, "folded_gate": {"memory_gate": False}}
+    assert config.data.val == ["books.tar.xz?authors=Austen,Dickens"]  # one spec, commas kept
+    bad = {
+        "train.lr": ("abc", "train.lr='abc' is not a finite float"),
+        "model.memory_gate": ("2", "model.memory_gate='2' is not a bool"),
+        "model.d_model": ("abc", "model.d_model='abc' is not an int"),
+        "overrides.rmt.memory_len": ("abc", "overrides.rmt.memory_len='abc' is not an int"),
+        "overrides.rmt.memory_lenn": ("8", "unknown RMTConfig field(s) ['memory_lenn']"),
+        "overrides.gpt5.d_ff": ("8", "unknown option --overrides.gpt5.d_ff"),
+    }
+    for key, (value, message) in bad.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_compare_config(path, {key: value})
+
+
+def test_a_misspelt_per_model_field_in_the_file_is_refused(workspace):
+    path = workspace / "micro.toml"
+    path.write_text(path.read_text() + "\n[overrides.rmt]\nmemory_lenn = 8\n")
+    with pytest.raises(ConfigError, match=r"\[overrides.rmt\] sets \['memory_lenn'\]"):
+        load_compare_config(path)  # was dropped silently when rmt's config was built
+    path.write_text("[overrides]\nrmt = 3\n")
+    with pytest.raises(ConfigError, match=r"\[overrides.rmt\] must be a table of fields, got 3"):
+        load_compare_config(path)  # was a TypeError traceback
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "0"], "--threads 0: give a positive number of CPU threads"),
+        (["--threads", "-2"], "--threads -2: give a positive number of CPU threads"),
+        (["--set", "train.lr=abc"], "train.lr='abc' is not a finite float"),
+        (["--train.lr", "abc"], "train.lr='abc' is not a finite float"),
+        (["--model.memory_gate", "2"], "model.memory_gate='2' is not a bool"),
+        (["--lr", "0.1"], "override 'lr' is not section.key"),
+        (["--set", "=3"], "override '' is not section.key"),
+        (["--models", ","], "[compare] models is empty"),
+        (["--out", "{root}/micro.toml/out"], "micro.toml/out is not a writable folder"),
+    ],
+)
+def test_a_bad_compare_flag_is_one_line_naming_it(workspace, capsys, argv, message):
+    from foldformer.cli import console
+
+    out = workspace / "out"
+    argv = [a.replace("{root}", str(workspace)) for a in argv]  # a later --out wins
+    assert console(["compare", str(workspace / "micro.toml"), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("foldformer: error: ") and err.count("\n") == 1, err
+    assert message in err and not (out / "models").exists()

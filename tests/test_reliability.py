@@ -58,6 +58,7 @@ def one_line_error(capsys, args: list[str]) -> str:
         ("--device", "cuda:99", "device='cuda:99'"),
         ("--train.lr", "x", "train.lr='x' is not a finite float"),
         ("--d_modle", "64", "unknown option --d_modle"),
+        ("--model.d_modle", "64", "unknown FoldedConfig field(s) ['d_modle']"),
         ("--precision", "fp16", "precision='fp16' is not one of auto, fp32, bf16"),
         ("--max_minutes", "-1", "max_minutes must be in [0, inf], got -1.0"),
         ("--grad_clip", "-1", "grad_clip must be in [0, inf], got -1.0"),

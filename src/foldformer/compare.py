@@ -67,8 +67,9 @@ from foldformer.evaluate.suite import (
     ecl_documents,
     evaluate_model,
 )
-from foldformer.train import DataConfig, RunConfig, TrainConfig, _parse_value, _tomllib
-from foldformer.variants.baselines import BASELINES, IN_HOUSE
+from foldformer.overrides import apply_overrides, field_types, read_config_file, typed
+from foldformer.train import DataConfig, RunConfig, TrainConfig
+from foldformer.variants.baselines import BASELINES, IN_HOUSE, config_class
 
 # Run fields that may change between a run and its re-run without invalidating trained models.
 _IGNORED_ON_RERUN = {"train": {"progress", "device"}, "data": {"cache_dir"}}
@@ -132,10 +133,19 @@ class CompareConfig:
                 f"[model] is the folded model every baseline is built from; model_type must be "
                 f"'folded', got {model_type!r} (list baselines in [compare] models)"
             )
+        self.model = typed(FoldedConfig, self.model, "model")  # `memory_gate = "no"` is False
         FoldedConfig.from_dict(self.model)  # a misspelt or invalid shape field, named now
-        unknown = [name for name in self.overrides if name not in BASELINES]
-        if unknown:
-            raise ConfigError(f"[overrides.{unknown[0]}] names no model; known: {list(BASELINES)}")
+        for name, fields in self.overrides.items():
+            if name not in BASELINES:
+                raise ConfigError(f"[overrides.{name}] names no model; known: {list(BASELINES)}")
+            cls = config_class(BASELINES[name][0])
+            self.overrides[name] = typed(cls, fields, f"overrides.{name}")
+            unknown = sorted(set(fields) - set(field_types(cls)))
+            if unknown:  # else dropped when the baseline's config is built: silently not applied
+                raise ConfigError(
+                    f"[overrides.{name}] sets {unknown}, not fields of {cls.__name__} "
+                    f"(model {name!r})"
+                )
         if {"ecl", "lm"} & set(self.eval.run) and not self.data.val:
             raise CompareError(
                 f"[eval] run {self.eval.run} reads held-out text: give [data] val (or --val-data)"
@@ -161,6 +171,9 @@ class CompareConfig:
         unknown = sorted(set(values) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}; sections: {list(SECTIONS)}")
+        for name, fields in values.get("overrides", {}).items():
+            if not isinstance(fields, dict):
+                raise ConfigError(f"[overrides.{name}] must be a table of fields, got {fields!r}")
         return cls(
             model=dict(values.get("model", {})),
             compare=CompareSettings.from_dict(values.get("compare", {})),
@@ -171,43 +184,38 @@ class CompareConfig:
         )
 
 
+def compare_sections() -> dict[str, type]:
+    """The dataclass of each section, for overrides: the folded model's fields in [model], and
+    each model's own config class in [overrides.NAME]."""
+    sections = {"model": FoldedConfig, "compare": CompareSettings, "train": TrainConfig,
+                "data": DataConfig, "eval": EvalSettings}  # fmt: skip
+    for name, (model_type, _) in BASELINES.items():
+        sections[f"overrides.{name}"] = config_class(model_type)
+    return sections
+
+
 def load_compare_config(
-    path: str | Path | None = None, overrides: dict[str, str] | None = None
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> CompareConfig:
     """The TOML (or JSON) file, then `section.key=value` overrides (`overrides.rmt.memory_len`
-    for a per-model field). Values are parsed like command-line overrides of `train`."""
+    for a per-model field), parsed by the field's type as `train` parses its options
+    (foldformer.overrides); [compare] and [eval] parse their own values ("4K" sizes)."""
     values: dict[str, Any] = {section: {} for section in SECTIONS}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"comparison config {path} does not exist")
-        text = path.read_text()
-        tomllib = _tomllib()
-        try:
-            loaded = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-            kind = "JSON" if path.suffix == ".json" else "TOML"
-            raise ConfigError(f"{path} is not valid {kind}: {error}") from None
-        for section, fields in loaded.items():
+        for section, fields in read_config_file(path).items():
             if section not in values:
                 raise ConfigError(f"unknown section [{section}] in {path}; sections: {SECTIONS}")
-            if not isinstance(fields, dict):
-                raise ConfigError(f"[{section}] in {path} must be a table, got {fields!r}")
             values[section].update(fields)
-    for key, raw in (overrides or {}).items():
-        parts = key.split(".")
-        if parts[0] not in SECTIONS or len(parts) != (3 if parts[0] == "overrides" else 2):
+    overrides = dict(overrides or {})
+    for key, value in overrides.items():
+        if "." not in key:  # a comparison has five sections: a bare name would be a guess
             raise ConfigError(
                 f"override {key!r} is not section.key (sections: {', '.join(SECTIONS)}; "
                 "per model: overrides.NAME.key)"
             )
-        target = values
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-        value = _parse_value(raw) if isinstance(raw, str) else raw
-        if parts[0] == "data" and parts[1] in ("train", "val") and isinstance(value, str):
-            value = [value]  # one data spec
-        target[parts[-1]] = value
+        if key in ("data.train", "data.val") and isinstance(value, str):
+            overrides[key] = [value]  # one data spec: a spec may hold commas (?authors=a,b)
+    apply_overrides(values, overrides, compare_sections(), as_given=("compare", "eval"))
     return CompareConfig.from_dict(values)
 
 
@@ -466,8 +474,9 @@ def run_comparison(
     from foldformer.evaluate.common import resolve_device
     from foldformer.evaluate.records import load_records, write_records
     from foldformer.train import setup_distributed
+    from foldformer.train.trainer import check_writable
 
-    out_dir = Path(out_dir)
+    out_dir = check_writable(Path(out_dir))  # before the corpus is tokenized
     resolve_device(config.train.device, "train.device")  # one line for a device not here
     _, world_size, device = setup_distributed(config.train.device)
     if world_size > 1:

@@ -97,10 +97,14 @@ def resolve_key(key: str, sections: dict[str, type]) -> tuple[str, str]:
     key = key.replace("-", "_")
     owners = {s: set(field_types(c)) for s, c in sections.items()}
     section, _, name = key.rpartition(".")
-    if section:
-        if name in owners.get(section, ()):
+    if section in sections:
+        if name in owners[section]:
             return section, name
-    else:
+        raise ConfigError(  # the wording of a misspelt field in a file (JsonConfig.from_dict)
+            f"unknown option --{key}: unknown {sections[section].__name__} field(s) {[name]}; "
+            f"known fields: {sorted(owners[section])}"
+        )
+    if not section:
         found = [s for s, names in owners.items() if key in names]
         if len(found) == 1:
             return found[0], key
@@ -110,17 +114,26 @@ def resolve_key(key: str, sections: dict[str, type]) -> tuple[str, str]:
 
 
 def apply_overrides(
-    values: dict[str, Any], overrides: dict[str, Any], sections: dict[str, type]
+    values: dict[str, Any],
+    overrides: dict[str, Any],
+    sections: dict[str, type],
+    as_given: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Set each `key: value` of `overrides` into `values` (nested dicts, one per section; a
     dotted section such as `overrides.rmt` is a dict inside a dict), parsed by the field's type.
-    `sections` maps each section to its dataclass. Returns `values`."""
+    `sections` maps each section to its dataclass; the sections in `as_given` take the value as
+    it is, for their dataclass to parse (compare's [eval] reads sizes such as "4K"). Returns
+    `values`."""
     for key, raw in overrides.items():
         section, name = resolve_key(key, sections)
         target = values
         for part in section.split("."):
             target = target.setdefault(part, {})
-        target[name] = parse_value(field_types(sections[section])[name], raw, f"{section}.{name}")
+        if section in as_given:
+            target[name] = raw
+        else:
+            tp = field_types(sections[section])[name]
+            target[name] = parse_value(tp, raw, f"{section}.{name}")
     return values
 
 

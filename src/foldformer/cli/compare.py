@@ -11,7 +11,7 @@ import torch
 from foldformer.cli import parse_overrides
 from foldformer.compare import load_compare_config, run_comparison
 from foldformer.config import ConfigError
-from foldformer.overrides import read_config_file
+from foldformer.evaluate.common import resolve_device
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -69,6 +69,10 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads < 1:  # torch.set_num_threads raises on it
+        raise ConfigError(f"--threads {args.threads}: give a positive number of CPU threads")
+    if args.device:
+        resolve_device(args.device, "train.device")  # a device not here, before any work
     overrides: dict[str, Any] = parse_overrides(getattr(args, "extra", []))
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -85,7 +89,6 @@ def _run_compare(args: argparse.Namespace) -> int:
         overrides["train.device"] = args.device
     if args.no_progress:
         overrides["train.progress"] = False
-    read_config_file(args.config)  # a syntax error: one line naming the file
     config = load_compare_config(args.config, overrides)
     command = command_line(args)
     device = config.train.device

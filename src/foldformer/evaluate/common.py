@@ -3,6 +3,7 @@ human sizes ("64K"), plotting and a short printed table."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import typing
@@ -15,6 +16,7 @@ from torch import nn
 
 from foldformer.config import ConfigError
 from foldformer.evaluate.records import model_config
+from foldformer.overrides import parse_value
 
 
 class EvaluationError(ConfigError):
@@ -34,10 +36,15 @@ class SettingError(ConfigError):
 def check_field_types(config, section: str) -> None:
     """SettingError for the first field whose value is not of its annotated type (bool, int,
     float, str or a list of one of them): `tolerance = "abc"` or `ecl_control = "maybe"`
-    must not reach a comparison or pass as true."""
+    must not reach a comparison or pass as true. A string (`--set eval.seed=3`) is first
+    parsed by the type, as `train` parses its options (foldformer.overrides)."""
     for f in dataclasses.fields(config):
         kind = typing.get_type_hints(type(config))[f.name]
         value = getattr(config, f.name)
+        if isinstance(value, str) and kind is not str:
+            with contextlib.suppress(ConfigError):  # not of the type: reported below
+                value = parse_value(kind, value, f"{section}.{f.name}")
+                setattr(config, f.name, value)
         if typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
             ok = isinstance(value, list) and all(_is_a(v, item) for v in value)

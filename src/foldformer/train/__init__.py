@@ -8,7 +8,6 @@ The package, by concern: config (what a run is), trainer (the loop and its step)
 (metrics.jsonl, TensorBoard, progress). Presets live in foldformer.presets.
 """
 
-from foldformer.overrides import tomllib as _tomllib_module
 from foldformer.presets import PRESET_DIR, PRESETS
 from foldformer.train.checkpoint import (
     RESUME_FILES,
@@ -21,28 +20,6 @@ from foldformer.train.metrics import MetricLogger
 from foldformer.train.optim import lr_factor, make_optimizer
 from foldformer.train.parallel import setup_distributed, unwrap, wrap_distributed
 from foldformer.train.trainer import Trainer, TrainingInterrupted, train, validate
-
-
-def _tomllib():  # compare.py's loader reads its TOML through this (to move to foldformer.overrides)
-    return _tomllib_module
-
-
-def _parse_value(raw: str):
-    """compare.py's untyped override value (to move to foldformer.overrides.apply_overrides)."""
-    lowered = raw.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    if "," in raw:
-        return [part for part in raw.split(",") if part]
-    return raw
-
 
 __all__ = [
     "PRESETS",
