@@ -84,7 +84,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp_gathered"])
 def test_two_gloo_processes_follow_the_single_process_curve_and_resume_exactly(tmp_path, parallel):
     args = ["train", "--data", str(BOOKS / "pg35.txt"),
             "--model_type", "folded", "--d_model", "32", "--n_layers", "2", "--n_heads", "4",
@@ -99,7 +99,8 @@ def test_two_gloo_processes_follow_the_single_process_curve_and_resume_exactly(t
         subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
              "--master_port", str(free_port()), "-m", "foldformer.cli", *args,
-             "--fsdp", str(parallel == "fsdp").lower(), "--batch_size", "4",
+             "--fsdp", str(parallel != "ddp").lower(), "--batch_size", "4",
+             "--fsdp_reshard_after_forward", str(parallel != "fsdp_gathered").lower(),
              "--max-steps", str(steps), "--out", str(tmp_path / out), *extra],
             check=True, env=env, capture_output=True, timeout=300,
         )  # fmt: skip

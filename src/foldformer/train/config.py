@@ -48,6 +48,11 @@ class TrainConfig(JsonConfig):
     seed: int = 0  # weights, data order and dropout
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
+    # False: a block's parameters stay gathered from its first fold until the step is done,
+    # instead of being re-gathered for every fold (more memory, fewer all-gathers)
+    fsdp_reshard_after_forward: bool = True
+
+    LATER_FIELDS = ("fsdp_reshard_after_forward",)
     memory_fraction: float = 0.0  # >0: cap CUDA memory per process (e.g. the note's 24 GB)
     progress: bool = True  # a progress bar
 

@@ -47,14 +47,22 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def wrap_distributed(model: nn.Module, sharded: bool, device: torch.device) -> nn.Module:
-    """FSDP2 (each block, then the whole model, sharded over the ranks) or DDP."""
+def wrap_distributed(
+    model: nn.Module, sharded: bool, device: torch.device, reshard_after_forward: bool = True
+) -> nn.Module:
+    """FSDP2 (each block, then the whole model, sharded over the ranks) or DDP.
+
+    Every fold runs every block, so FSDP2's default frees a block's gathered parameters after
+    each fold's forward and gathers them again for the next; reshard_after_forward=False keeps
+    them through the forward folds (backward still re-gathers per fold: also keeping them there,
+    `set_reshard_after_backward(False)`, trained wrongly with gloo on torch 2.13 — the loss left
+    the single-process curve at step 2)."""
     if sharded:
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, reshard_after_forward=reshard_after_forward)
         return model
     # The initial memory gets a gradient only in steps where some row resets.
     return nn.parallel.DistributedDataParallel(

@@ -175,7 +175,9 @@ class Trainer:
 
         self.sharded = cfg.fsdp and self.world_size > 1
         if self.world_size > 1:
-            model = wrap_distributed(model, self.sharded, self.device)
+            model = wrap_distributed(
+                model, self.sharded, self.device, cfg.fsdp_reshard_after_forward
+            )
         # After wrapping: FSDP2 replaces the parameters by sharded ones, which the optimizer
         # must hold.
         self.optimizer = make_optimizer(model, cfg)
