@@ -3,7 +3,7 @@
 Every field of the model, train and data configs is an option, listed in `--help` with its type
 and default (`--lr FLOAT`; `--train.lr` names the section); values are parsed by type
 (foldformer.overrides).
-Options of other model types (`--model_type rmt --n_memory 8`) are taken the same way.
+Options of other model types (`--model_type rmt --memory_len 4`) are taken the same way.
 """
 
 from __future__ import annotations
