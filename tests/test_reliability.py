@@ -280,3 +280,37 @@ def test_train_accepts_a_python_run(tmp_path):
                                      "eval_every": 0, "device": "cpu"})  # fmt: skip
     run.data.train, run.data.cache_dir = [BOOK], str(tmp_path / "c")
     assert train(run, tmp_path / "r")["steps"] == 2
+
+
+def test_a_run_resumes_under_another_attention_kernel(tmp_path):
+    """The kernel is how a model computes, not what: a run trained with attention='eager'
+    resumes under the default, and a run's identity (context-state fingerprint) ignores it."""
+    from foldformer.generate import model_fingerprint
+    from foldformer.models import load_model
+
+    out = tmp_path / "run"
+    assert run_cli(out, "--attention", "eager") == 0
+    assert run_cli(out, "--resume", str(out), steps=6) == 0
+    model = load_model(out / "final")
+    eager = model_fingerprint(model)
+    model.config.attention = "sdpa"
+    assert model_fingerprint(model) == eager
+
+
+def test_flex_attention_on_a_cpu_is_one_line(tmp_path, capsys):
+    err = one_line_error(capsys, ["train", "--data", BOOK, *TINY, "--attention", "flex",
+                                  "--out", str(tmp_path / "run"), "--max-steps", "1"])  # fmt: skip
+    assert "attention='flex' cannot train on the CPU" in err
+
+
+def test_generate_and_serve_on_a_missing_device_are_one_line(finished_run, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for args in (["generate", str(finished_run / "final"), "--prompt", "hi", "--device", "cuda"],
+                 ["serve", str(finished_run / "final"), "--device", "cuda"]):  # fmt: skip
+        assert "this machine has no CUDA device" in one_line_error(capsys, args)
+
+
+def test_an_unwritable_eval_out_is_found_before_the_evaluation(finished_run, capsys):
+    err = one_line_error(capsys, ["eval", "passkey", str(finished_run / "final"),
+                                  "--lengths", "300", "--out", BOOK])  # fmt: skip
+    assert "is not a writable folder" in err

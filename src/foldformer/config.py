@@ -15,6 +15,9 @@ FOLD_IN_VARIANTS = ("norm", "norm_linear", "none")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("gelu", "swiglu", "relu")
 GATE_ACTIVATIONS = ("sigmoid", "hardsigmoid", "clamp_st")
+# Fields that choose how a model computes, not what: a run may resume, and a saved context
+# state may load, under another value (the numbers change by float rounding at most).
+KERNEL_FIELDS = ("attention",)
 
 T = TypeVar("T", bound="JsonConfig")
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from foldformer.config import ConfigError, JsonConfig
+from foldformer.config import KERNEL_FIELDS, ConfigError, JsonConfig
 
 DEFAULT_CHUNK_TOKENS = 2048
 
@@ -387,6 +387,8 @@ def model_fingerprint(model: nn.Module) -> str:
     equal exactly when two models compute the same thing (on any device)."""
     digest = hashlib.sha256()
     config = {"model_type": model.model_type, **model.config.to_dict()}
+    for name in KERNEL_FIELDS:
+        config.pop(name, None)
     digest.update(json.dumps(config, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().contiguous().cpu()

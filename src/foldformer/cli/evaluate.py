@@ -29,6 +29,12 @@ def _lazy(module: str, function: str):
     """Import the evaluation only when its command runs (keeps `foldformer --help` fast)."""
 
     def handler(args) -> int:
+        if getattr(args, "out", None) is not None:  # before the work, not after hours of it
+            from pathlib import Path
+
+            from foldformer.train.trainer import check_writable
+
+            check_writable(Path(args.out))
         return getattr(importlib.import_module(module), function)(args)
 
     return handler

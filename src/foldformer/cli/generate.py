@@ -77,7 +77,10 @@ def generate_command(args: argparse.Namespace) -> int:
         args.prompt if args.prompt_file is None else _read_text(args.prompt_file, "--prompt-file")
     )
     contexts = [_read_text(path, "--context-file") for path in args.context_file]
-    engine = Engine.load(args.checkpoint, device=args.device, compile=args.compile)
+    from foldformer.evaluate.common import resolve_device
+
+    device = resolve_device(args.device)  # a device this machine lacks: one line, not a crash
+    engine = Engine.load(args.checkpoint, device=device, compile=args.compile)
     context = None if args.state_in is None else engine.load_state(args.state_in)
     for text in contexts:
         ids = engine.tokenizer.encode(text)

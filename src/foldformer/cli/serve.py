@@ -50,7 +50,9 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
-    engine = Engine.load(args.checkpoint, device=args.device)
+    from foldformer.evaluate.common import resolve_device
+
+    engine = Engine.load(args.checkpoint, device=resolve_device(args.device))
     store = SessionStore(args.db)
     app = create_app(
         engine,

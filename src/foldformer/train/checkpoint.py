@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from foldformer.config import ConfigError
+from foldformer.config import KERNEL_FIELDS, ConfigError
 from foldformer.models import build_model
 from foldformer.train.config import RunConfig
 from foldformer.train.parallel import full_state_dict_options, unwrap
@@ -195,7 +195,7 @@ def config_changes(
     fixed = [
         f"model.{k} {saved_model[k]!r} -> {model_config.get(k)!r}"
         for k in sorted(saved_model)  # a field added since keeps its default: no change
-        if saved_model[k] != model_config.get(k)
+        if saved_model[k] != model_config.get(k) and k not in KERNEL_FIELDS
     ]
     hyper: dict[str, list[Any]] = {}
     if saved is not None:

@@ -136,6 +136,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model_spec = (self.model_type, dict(model_values))  # build_model's arguments
         model = build_model(*model_spec).to(self.device)
+        if getattr(model.config, "attention", None) == "flex" and self.device.type == "cpu":
+            raise ConfigError(
+                "attention='flex' cannot train on the CPU (torch has no CPU backward for "
+                "FlexAttention); use attention='sdpa' or a GPU"
+            )
         segment_len = model.config.segment_len
         # Streams are stateful (memory carried across steps) when a step ends on a fold
         # boundary. A model whose fold is longer than a step (full attention) sees each step
