@@ -113,9 +113,9 @@ class PeerModel(StreamingLM):
     """Base adapter. Subclasses build ``self.net`` and implement `run_segment` and
     `embedding_parameters`.
 
-    bptt detaches the state every `bptt` segments where the peer keeps a graph across
-    segments (peer_rmt's memory tokens, peer_infini's memory); the other peers detach their
-    state themselves. A reset of every row starts fresh streams; a reset of some rows zeroes
+    The driver detaches the state every `bptt` segments, as for every model; that matters only
+    where the peer keeps a graph across segments (peer_rmt's memory tokens, peer_infini's
+    memory), the other peers detach their state themselves. A reset of every row starts fresh streams; a reset of some rows zeroes
     their state, which is the peer's fresh state only where the peer starts from zeros (docs).
     """
 
@@ -123,7 +123,6 @@ class PeerModel(StreamingLM):
     config_class: ClassVar[type[PeerConfig]] = PeerConfig
     state_class: ClassVar[type[PeerState]] = PeerState
     package: ClassVar[str] = ""
-    carries_gradient: ClassVar[bool] = False  # does the state keep a graph across segments
 
     def run_segment(
         self, tokens: Tensor, state: dict[str, Tensor], complete: bool
@@ -184,7 +183,6 @@ class PeerRMT(PeerModel):
     model_type: ClassVar[str] = "peer_rmt"
     config_class: ClassVar[type[PeerConfig]] = PeerRMTConfig
     package: ClassVar[str] = "recurrent-memory-transformer-pytorch"
-    carries_gradient: ClassVar[bool] = True
 
     def __init__(self, config: PeerRMTConfig):
         super().__init__(config)
@@ -260,7 +258,6 @@ class PeerInfini(PeerModel):
     model_type: ClassVar[str] = "peer_infini"
     config_class: ClassVar[type[PeerConfig]] = PeerInfiniConfig
     package: ClassVar[str] = "infini-transformer-pytorch"
-    carries_gradient: ClassVar[bool] = True
 
     def __init__(self, config: PeerInfiniConfig):
         super().__init__(config)
