@@ -477,7 +477,7 @@ def run_comparison(
     from foldformer.train.trainer import check_writable
 
     out_dir = check_writable(Path(out_dir))  # before the corpus is tokenized
-    resolve_device(config.train.device, "train.device")  # one line for a device not here
+    resolve_device(config.train.device, "train.device ")  # one line for a device not here
     _, world_size, device = setup_distributed(config.train.device)
     if world_size > 1:
         raise CompareError("run compare as one process (it trains models one after another)")

@@ -72,7 +72,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:  # torch.set_num_threads raises on it
         raise ConfigError(f"--threads {args.threads}: give a positive number of CPU threads")
     if args.device:
-        resolve_device(args.device, "train.device")  # a device not here, before any work
+        resolve_device(args.device, "train.device ")  # a device not here, before any work
     overrides: dict[str, Any] = parse_overrides(getattr(args, "extra", []))
     for item in args.set:
         key, sep, value = item.partition("=")

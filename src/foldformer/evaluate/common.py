@@ -100,27 +100,33 @@ def parse_list(text: str | Sequence, item=parse_size) -> list:
     return values
 
 
-def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
+def resolve_device(
+    name: str | None, flag: str = "--device ", local_rank: int = 0, world_size: int = 1
+) -> torch.device:
     """'auto' or None -> cuda if available else cpu; a device this machine lacks is a
-    ConfigError naming it (not a CUDA assertion deep in loading the weights)."""
+    ConfigError naming it as `{flag}{name!r}` (not a CUDA assertion deep in loading the
+    weights). A bare "cuda" gets an explicit index (several torch.cuda calls require one):
+    the local rank under torchrun, else the current device."""
+    said = f"{flag}{name!r}"
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ConfigError(
-            f"{flag} {name!r} is not a device: use auto, cpu, cuda or cuda:N"
-        ) from None
+        raise ConfigError(f"{said} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
-            raise ConfigError(f"{flag} {name!r}: this machine has no CUDA device; use cpu or auto")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"{flag} {name!r}: this machine has {count} CUDA device(s)")
+            raise ConfigError(f"{said}: this machine has no CUDA device; use cpu or auto")
+        if device.index is None:
+            index = local_rank if world_size > 1 else torch.cuda.current_device()
+            device = torch.device("cuda", index)
+        if device.index >= count:
+            raise ConfigError(f"{said}: this machine has {count} CUDA device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{flag} {name!r}: MPS is not available here; use cpu or auto")
+        raise ConfigError(f"{said}: MPS is not available here; use cpu or auto")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"{flag} {name!r}: use auto, cpu, cuda, cuda:N or mps")
+        raise ConfigError(f"{said}: use auto, cpu, cuda, cuda:N or mps")
     return device
 
 

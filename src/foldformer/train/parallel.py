@@ -8,30 +8,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from foldformer.config import ConfigError
 from foldformer.train.config import check_device_name
 
 
 def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
-    """The device `name` means here, with an explicit CUDA index (several torch.cuda calls
-    require one); a device this machine lacks is a ConfigError naming it."""
+    """The device `name` means here (foldformer.evaluate.common.resolve_device, with the
+    config's wording); a device this machine lacks is a ConfigError naming it."""
+    from foldformer.evaluate.common import resolve_device as resolve
+
     check_device_name(name)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={name!r}: this machine has no CUDA device; use cpu")
-        if device.index is None:
-            index = local_rank if world_size > 1 else torch.cuda.current_device()
-            device = torch.device("cuda", index)
-        if device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={name!r}: MPS is not available on this machine")
-    return device
+    return resolve(name, "device=", local_rank, world_size)
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
