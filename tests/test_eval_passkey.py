@@ -98,3 +98,33 @@ def test_batching_all_depths_together_changes_no_answer():
     together = evaluate_passkey(*args, samples=4, batch_size=12, progress=False)
     alone = evaluate_passkey(*args, samples=4, batch_size=1, progress=False)
     assert [c.outputs for c in together] == [c.outputs for c in alone]
+
+
+def _tiny_gated_model() -> FoldedTransformer:
+    torch.manual_seed(0)
+    config = FoldedConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, segment_len=16,
+                          memory_len=16, memory_gate=True, gate_activation="clamp_st")  # fmt: skip
+    return FoldedTransformer(config).eval()
+
+
+def test_compiled_fold_changes_no_answer():
+    """`eval passkey --compile` (the fold step through torch.compile; aot_eager here, so the
+    CPU test needs no C++ build) streams the same answers as the eager model."""
+    model = _tiny_gated_model()
+    args = (TOKENIZER, [300], [0.0, 1.0])
+    plain = evaluate_passkey(model, *args, samples=3, batch_size=6, progress=False)
+    model.compile_fold(backend="aot_eager")
+    compiled = evaluate_passkey(model, *args, samples=3, batch_size=6, progress=False)
+    assert [c.outputs for c in compiled] == [c.outputs for c in plain]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_ingest_changes_no_answer():
+    """`--cuda-graph` replays captured chunks of folds: the same answers as eager streaming
+    (run on the H200: benchmarks/results/h200/retrieval/round4/graph_check.json)."""
+    model = _tiny_gated_model().cuda()
+    args = (TOKENIZER, [2100], [0.0, 0.5, 1.0])
+    plain = evaluate_passkey(model, *args, samples=4, batch_size=12, progress=False)
+    graphed = evaluate_passkey(model, *args, samples=4, batch_size=12, progress=False,
+                               cuda_graph=True)  # fmt: skip
+    assert [c.outputs for c in graphed] == [c.outputs for c in plain]

@@ -213,13 +213,14 @@ def run_ecl(
     return result, ecl_records(result, config, device)
 
 
-def run_passkey(model, tokenizer, checkpoint, settings: EvalSettings, device, progress=True):
+def run_passkey(model, tokenizer, checkpoint, settings: EvalSettings, device, progress=True,
+                cuda_graph=False):  # fmt: skip
     """(cells, records) of passkey retrieval over the settings' lengths and depths."""
     from foldformer.evaluate.passkey import evaluate_passkey, passkey_records
 
     cells = evaluate_passkey(model, tokenizer, settings.passkey_lengths, settings.passkey_depths,
                              settings.passkey_samples, settings.seed, settings.passkey_batch_size,
-                             progress=progress)  # fmt: skip
+                             progress=progress, cuda_graph=cuda_graph)  # fmt: skip
     config = eval_config(model, checkpoint, task="passkey", lengths=settings.passkey_lengths,
                          depths=settings.passkey_depths, samples=settings.passkey_samples,
                          seed=settings.seed, dtype=settings.dtype)  # fmt: skip
