@@ -56,14 +56,17 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _as_batch(ids: Tensor | Iterable[int], device: torch.device, name: str) -> Tensor:
-    """(T,) or (B, T) ids -> (B, T) long tensor on the model's device."""
+def _as_batch(ids: Tensor | Iterable[int], device: torch.device | None, name: str) -> Tensor:
+    """(T,) or (B, T) ids -> (B, T) long tensor on the model's device (device None: a tensor
+    stays where it is, with its integer dtype)."""
     if not isinstance(ids, Tensor):
         ids = torch.tensor(list(ids), dtype=torch.long)
     if ids.dim() == 1:
         ids = ids[None]
     if ids.dim() != 2:
         raise ValueError(f"{name} must have shape (T,) or (batch, T), got {tuple(ids.shape)}")
+    if device is None:
+        return ids
     return ids.to(device=device, dtype=torch.long)
 
 
@@ -86,7 +89,10 @@ def ingest(
     launching every kernel of every fold from Python (`ChunkGraph`); the same kernels, so the
     same state. Ignored on a CPU.
     """
-    ids = _as_batch(input_ids, _device(model), "input_ids")
+    # The context stays where it is (a CPU tensor for a long one): only one chunk at a time
+    # moves to the model's device, so device memory does not grow with the context.
+    device = _device(model)
+    ids = _as_batch(input_ids, None, "input_ids")
     chunk_size = chunk_size or default_chunk_size(model)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -94,7 +100,7 @@ def ingest(
     bar = tqdm(total=T, unit="tok", unit_scale=True, desc="ingest", disable=not progress)
     graph = None
     for start in range(0, T, chunk_size):
-        chunk = ids[:, start : start + chunk_size]
+        chunk = ids[:, start : start + chunk_size].to(device=device, dtype=torch.long)
         if graph is None and cuda_graph and ChunkGraph.applies(model, chunk, memory, chunk_size):
             graph = ChunkGraph(model, chunk, memory)
         if graph is not None and chunk.shape[1] == chunk_size:

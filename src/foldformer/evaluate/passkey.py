@@ -79,7 +79,6 @@ def evaluate_passkey(
             build_passkey_prompt(tokenizer, length, 0.0, key="0" * 5)
         except ValueError as error:
             raise EvaluationError(f"passkey length {length}: {error}") from None
-    device = next(model.parameters()).device
     cells = []
     total = len(lengths) * len(depths) * samples
     bar = tqdm(total=total, desc="passkey", unit="prompt", disable=not progress)
@@ -107,7 +106,8 @@ def evaluate_passkey(
         for group in by_length.values():
             for start in range(0, len(group), batch_size):
                 rows = group[start : start + batch_size]
-                ids = torch.from_numpy(np.stack([prompts[k][0] for k in rows])).to(device)
+                # on the CPU: ingest moves one chunk at a time to the device
+                ids = torch.from_numpy(np.stack([prompts[k][0] for k in rows]))
                 new_tokens = max(prompts[k][2] for k in rows) + 2
                 state = ingest(
                     model,
