@@ -20,6 +20,7 @@ import pytest
 
 from foldformer.generate import Engine, SamplingConfig
 from foldformer.serve.app import Limits, create_app
+from foldformer.serve.batcher import Batching
 from foldformer.serve.store import SessionStore
 
 LIMITS = Limits(max_body_bytes=20000, max_text_chars=5000, max_new_tokens=64, max_sessions=100)
@@ -155,6 +156,50 @@ def test_session_limit_api_key_and_serialised_appends(engine, tmp_path):
         expected = engine.complete([""], [engine.read("ab" + "cd" * 8)], SamplingConfig(**ask))
         answer = client.post(f"/v1/sessions/{sid}/generate", json=ask).json()["text"]
         assert answer == expected[0].text
+
+
+def test_concurrent_generations_are_batched_and_answer_as_alone(engine, tmp_path):
+    """Generations of five sessions sent at once (one streamed, one committed) run as one
+    batch: four sit at one phase of the fold (w = 8) and share decode steps, the fifth not;
+    every answer is the one the library gives for that session alone."""
+    store = SessionStore(tmp_path / "s.sqlite")
+    app = create_app(engine, store, "tiny", LIMITS, batching=Batching(window_ms=2000, max_batch=5))
+    texts = ["The door code is 4711.", "x" * 14, "Another session, a longer text.", "",
+             "one off the phase"]  # fmt: skip
+    texts[3] = texts[0]  # asked the same, streamed
+    asks = [
+        {"prompt": " Q:", "max_new_tokens": 12, "seed": 9, "stop_at_eod": False},
+        {"prompt": " Q:", "max_new_tokens": 5, "seed": 2, "temperature": 0.7, "top_k": 20},
+        {"prompt": " A", "max_new_tokens": 9, "temperature": 0, "stop_at_eod": False,
+         "commit": True},
+        {"prompt": " Q:", "max_new_tokens": 12, "seed": 9, "stop_at_eod": False, "stream": True},
+        {"prompt": " Q:", "max_new_tokens": 7, "seed": 5, "repetition_penalty": 1.3},
+    ]  # fmt: skip
+    lengths = [len(t) + len(a["prompt"]) for t, a in zip(texts, asks, strict=True)]
+    assert {n % 8 for n in lengths[:4]} == {lengths[0] % 8} != {lengths[4] % 8}
+    with serving(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+        sids = [client.post("/v1/sessions", json={"text": t}).json()["id"] for t in texts]
+
+        def generate(i):
+            path = f"/v1/sessions/{sids[i]}/generate"
+            if not asks[i].get("stream"):
+                return client.post(path, json=asks[i]).json()["text"]
+            with client.stream("POST", path, json=asks[i]) as r:
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            return "".join(json.loads(e)["text"] for e in events[:-2])
+
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(generate, range(5)))
+        stats = client.get("/healthz").json()["batching"]
+        infos = [client.get(f"/v1/sessions/{sid}").json()["tokens"] for sid in sids]
+    for text, ask, answer in zip(texts, asks, answers, strict=True):
+        fields = {k: v for k, v in ask.items() if k not in ("prompt", "stream", "commit")}
+        (alone,) = engine.complete([ask["prompt"]], [engine.read(text)], SamplingConfig(**fields))
+        assert answer == alone.text
+    assert answers[0] == answers[3]  # the same session text and seed, streamed or not
+    assert stats["batch_rows"] == {"5": 1}, stats  # one batch of all five
+    assert any(int(rows) >= 2 for rows in stats["decode_step_rows"]), stats  # shared steps
+    assert infos == [len(t) for t in texts[:2]] + [lengths[2] + 9] + [len(t) for t in texts[3:]]
 
 
 def test_openai_client_completions(url):
