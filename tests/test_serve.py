@@ -319,6 +319,9 @@ def test_serve_command_bad_input_is_one_line(tiny_checkpoint, tmp_path, capsys):
     for argv, named in (
         (["--port", "70000"], "--port"),
         (["--max-sessions", "0"], "--max-sessions"),
+        (["--batch-window-ms", "-1"], "--batch-window-ms"),
+        (["--batch-window-ms", "nan"], "--batch-window-ms"),
+        (["--max-batch", "0"], "--max-batch"),
     ):
         assert console(["serve", str(tiny_checkpoint), *argv]) == 2
         err = capsys.readouterr().err
@@ -341,7 +344,7 @@ def test_benchmark_scripts_run_bounded_and_write_json(tmp_path):
          "--d-model", "16", "--n-layers", "1", "--window", "8", "--memory", "8", "--budget", "20",
          "--answer-tokens", "4"],
         [root / "benchmarks/serve_load.py", "--out", load, "--sessions", "3", "--requests", "2",
-         "--max-new-tokens", "4", "--threads", "1"],
+         "--max-new-tokens", "4", "--threads", "1", "--batch-window-ms", "20"],
     ]  # fmt: skip
     processes = [subprocess.Popen([sys.executable, *map(str, c)], env=env,
                                   stdout=subprocess.DEVNULL) for c in commands]  # fmt: skip
@@ -351,3 +354,20 @@ def test_benchmark_scripts_run_bounded_and_write_json(tmp_path):
     assert "skipped" in record["lengths"][-1] and record["book"]["same_answer"]
     result = json.loads(load.read_text())
     assert result["requests"] == 3 * 3 and result["errors"] == 0 and result["all"]["p99_ms"] > 0
+    rows = result["batching"]["batch_rows"]  # the three generations, in batches of some size
+    assert result["batching"]["window_ms"] == 20 and sum(int(n) * k for n, k in rows.items()) == 3
+
+
+def test_gpu_serving_script_runs_at_toy_size_on_a_cpu(tmp_path):
+    """benchmarks/serve_gpu.sh with SMOKE=1: the lead's H200 script, end to end, on a CPU."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "SMOKE": "1", "PYTHON": sys.executable, "PYTHONPATH": str(root / "src")}
+    done = subprocess.run(["bash", str(root / "benchmarks/serve_gpu.sh"), str(tmp_path)], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    ingest = json.loads((tmp_path / "ingest.json").read_text())
+    assert ingest["model"]["d_model"] == 384 and ingest["book"]["same_answer"]
+    for batching, window in (("off", 0), ("on", 5)):
+        load = json.loads((tmp_path / f"serve_load_batching_{batching}.json").read_text())
+        assert load["errors"] == 0 and not load["timed_out"]
+        assert load["batching"]["window_ms"] == window

@@ -279,6 +279,7 @@ class Decoder:
             for c in self.configs
         ]
         self.history: list[list[int]] = [[] for _ in range(rows)]
+        self._group()
 
     def remember(self, rows_ids: list[list[int]]) -> None:
         """Ids (per row) the repetition penalty counts besides the generated ones."""
@@ -292,25 +293,22 @@ class Decoder:
         self.configs = [self.configs[r] for r in rows]
         self.generators = [self.generators[r] for r in rows]
         self.history = [self.history[r] for r in rows]
+        self._group()
 
-    def sampling_groups(self) -> list[tuple[SamplingConfig, list[int]]]:
+    def _group(self) -> None:
         """Rows that sample alike (the same config but for the seed), with their config."""
-        groups: list[tuple[tuple, SamplingConfig, list[int]]] = []
+        groups: dict[tuple, tuple[SamplingConfig, list[int]]] = {}
         for row, config in enumerate(self.configs):
-            key = (config.replace(seed=None), config.seed is None)
-            match = next((g for g in groups if g[0] == key), None)
-            if match is None:
-                groups.append((key, config, [row]))
-            else:
-                match[2].append(row)
-        return [(config, rows) for _, config, rows in groups]
+            key = (config.replace(seed=None).to_json(), config.seed is None)
+            groups.setdefault(key, (config, []))[1].append(row)
+        self.sampling_groups = list(groups.values())
 
     @torch.no_grad()
     def step(self) -> Tensor:
         out = self.model(self.pending[:, None], memory=self.memory, logits_to_keep=1)
         logits = out.logits[:, -1]
         token = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        for config, rows in self.sampling_groups():
+        for config, rows in self.sampling_groups:
             penalised = config.repetition_penalty != 1
             history = [self.history[r] for r in rows] if penalised else None
             generators = None if config.seed is None else [self.generators[r] for r in rows]

@@ -31,8 +31,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--batch-window-ms",
         type=float,
         help="decode generations of different sessions that arrive within this "
-        "window as one batch; 0: off (default 5 on CUDA, 0 on a CPU, where a "
-        "step's cost grows with its rows and the window only adds latency)",
+        "window as one batch; 0: off (default 5 on CUDA, 0 on a CPU, where the "
+        "gain depends on the load: docs/serving.md)",
     )
     parser.add_argument("--max-batch", type=int, default=32,
                         help="rows that start a batch at once (default 32)")  # fmt: skip

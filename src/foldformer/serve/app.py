@@ -12,8 +12,9 @@ into the model's state and kept in SQLite, so later questions cost only their ow
 
 Requests on one session are serialised by a lock; model work runs in worker threads, so other
 sessions go on meanwhile, and generations of different sessions that arrive within a short
-window are decoded as one batch (`foldformer.serve.batcher`; on by default on a GPU). A generation changes the session only with "commit": true, and then
-the prompt and every generated token (the answer's stop text too) are read into it.
+window are decoded as one batch (`foldformer.serve.batcher`; on by default on a GPU). A
+generation changes the session only with "commit": true, and then the prompt and every
+generated token (the answer's stop text too) are read into it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Cross-session batching: generations that arrive within a short window are decoded together.
 
-One decoding step of one stream leaves a GPU mostly idle (it waits on kernel launches and on
-reading the weights), so B streams in one step cost about what one does. On a CPU a step's
-cost grows with its rows, so a window there mostly adds its wait: batching is on by default
-for CUDA only (`default_window_ms`). Rows share a forward call where the model allows it (streams
-at one phase of their folds, `Engine.stream_batch`), and every answer is exactly the one the
-request gets alone: a seeded row draws from its own generator.
+Rows share a forward call where the model allows it (streams at one phase of their folds,
+`Engine.stream_batch`), and each answer is the one the request gets alone: a seeded row draws
+from its own generator. One decoding step of one stream leaves a GPU mostly idle (it waits on
+kernel launches and on reading the weights), so B streams in one step cost about what one
+does: on by default for CUDA (`default_window_ms`). Off by default on a CPU, where the gain
+depends on the load (docs/serving.md: on the 2-core machine here none for 16-token answers,
+whose requests are bound by HTTP, SQLite and state bytes, more for 64-token ones) while the
+window adds its wait to a lone request; `--batch-window-ms 5` turns it on.
 """
 
 from __future__ import annotations
