@@ -139,6 +139,44 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(name):
     assert [c.token_ids for c in other] != [c.token_ids for c in batch]
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rows_at_one_phase_share_decode_steps_each_with_its_own_config(name):
+    """Streams at positions 5, 5 and 9 (one phase of a w = 4 fold) and a fresh one: rows at one
+    position share decode steps in every model, and at one phase in the folded ones; each
+    row's answer, under its own sampling config, is the one it gets alone."""
+    engine = make_engine(name)
+    prompts = ["abcdef", "ab", "abc", ""]
+    contexts = [None, engine.read("wxyz"), engine.read("0123456"), None]
+    configs = [
+        SamplingConfig(max_new_tokens=6, temperature=0.0, stop_at_eod=False),
+        SamplingConfig(max_new_tokens=4, temperature=1.2, top_p=0.9, seed=1),
+        SamplingConfig(max_new_tokens=8, repetition_penalty=1.5, top_k=30, seed=7),
+        SamplingConfig(max_new_tokens=5, seed=3, stop_at_eod=False),
+    ]
+    steps = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda _, args: steps.append(args[0].shape[0]) if args[0].shape[1] == 1 else None
+    )
+    stream = engine.stream_batch(prompts, contexts, configs)
+    pieces = ["", "", "", ""]
+    for row, piece in stream:
+        pieces[row] += piece
+    hook.remove()
+    folded = engine.model.model_type == "folded" and name != "full_attention"
+    assert max(steps) == (3 if folded else 2)
+    for prompt, context, config, got, text in zip(
+        prompts, contexts, configs, stream.completions, pieces, strict=True
+    ):
+        (alone,) = engine.complete([prompt], [context], config)
+        assert got.token_ids == alone.token_ids and got.text == alone.text == text
+        assert got.context.tokens == alone.context.tokens
+        after = [
+            engine.model(torch.tensor([[c.last_token]]), memory=c.memory).logits
+            for c in (got.context, alone.context)
+        ]
+        torch.testing.assert_close(*after)  # the returned contexts continue alike (to rounding)
+
+
 def test_stream_yields_the_completion_text_and_stops():
     engine = make_engine()
     config = SamplingConfig(max_new_tokens=30, temperature=1.0, seed=1, stop_at_eod=False)

@@ -20,6 +20,7 @@ import pytest
 
 from foldformer.generate import Engine, SamplingConfig
 from foldformer.serve.app import Limits, create_app
+from foldformer.serve.batcher import Batching
 from foldformer.serve.store import SessionStore
 
 LIMITS = Limits(max_body_bytes=20000, max_text_chars=5000, max_new_tokens=64, max_sessions=100)
@@ -157,6 +158,50 @@ def test_session_limit_api_key_and_serialised_appends(engine, tmp_path):
         assert answer == expected[0].text
 
 
+def test_concurrent_generations_are_batched_and_answer_as_alone(engine, tmp_path):
+    """Generations of five sessions sent at once (one streamed, one committed) run as one
+    batch: four sit at one phase of the fold (w = 8) and share decode steps, the fifth not;
+    every answer is the one the library gives for that session alone."""
+    store = SessionStore(tmp_path / "s.sqlite")
+    app = create_app(engine, store, "tiny", LIMITS, batching=Batching(window_ms=2000, max_batch=5))
+    texts = ["The door code is 4711.", "x" * 14, "Another session, a longer text.", "",
+             "one off the phase"]  # fmt: skip
+    texts[3] = texts[0]  # asked the same, streamed
+    asks = [
+        {"prompt": " Q:", "max_new_tokens": 12, "seed": 9, "stop_at_eod": False},
+        {"prompt": " Q:", "max_new_tokens": 5, "seed": 2, "temperature": 0.7, "top_k": 20},
+        {"prompt": " A", "max_new_tokens": 9, "temperature": 0, "stop_at_eod": False,
+         "commit": True},
+        {"prompt": " Q:", "max_new_tokens": 12, "seed": 9, "stop_at_eod": False, "stream": True},
+        {"prompt": " Q:", "max_new_tokens": 7, "seed": 5, "repetition_penalty": 1.3},
+    ]  # fmt: skip
+    lengths = [len(t) + len(a["prompt"]) for t, a in zip(texts, asks, strict=True)]
+    assert {n % 8 for n in lengths[:4]} == {lengths[0] % 8} != {lengths[4] % 8}
+    with serving(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+        sids = [client.post("/v1/sessions", json={"text": t}).json()["id"] for t in texts]
+
+        def generate(i):
+            path = f"/v1/sessions/{sids[i]}/generate"
+            if not asks[i].get("stream"):
+                return client.post(path, json=asks[i]).json()["text"]
+            with client.stream("POST", path, json=asks[i]) as r:
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            return "".join(json.loads(e)["text"] for e in events[:-2])
+
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(generate, range(5)))
+        stats = client.get("/healthz").json()["batching"]
+        infos = [client.get(f"/v1/sessions/{sid}").json()["tokens"] for sid in sids]
+    for text, ask, answer in zip(texts, asks, answers, strict=True):
+        fields = {k: v for k, v in ask.items() if k not in ("prompt", "stream", "commit")}
+        (alone,) = engine.complete([ask["prompt"]], [engine.read(text)], SamplingConfig(**fields))
+        assert answer == alone.text
+    assert answers[0] == answers[3]  # the same session text and seed, streamed or not
+    assert stats["batch_rows"] == {"5": 1}, stats  # one batch of all five
+    assert any(int(rows) >= 2 for rows in stats["decode_step_rows"]), stats  # shared steps
+    assert infos == [len(t) for t in texts[:2]] + [lengths[2] + 9] + [len(t) for t in texts[3:]]
+
+
 def test_openai_client_completions(url):
     import openai
 
@@ -274,6 +319,9 @@ def test_serve_command_bad_input_is_one_line(tiny_checkpoint, tmp_path, capsys):
     for argv, named in (
         (["--port", "70000"], "--port"),
         (["--max-sessions", "0"], "--max-sessions"),
+        (["--batch-window-ms", "-1"], "--batch-window-ms"),
+        (["--batch-window-ms", "nan"], "--batch-window-ms"),
+        (["--max-batch", "0"], "--max-batch"),
     ):
         assert console(["serve", str(tiny_checkpoint), *argv]) == 2
         err = capsys.readouterr().err
@@ -296,7 +344,7 @@ def test_benchmark_scripts_run_bounded_and_write_json(tmp_path):
          "--d-model", "16", "--n-layers", "1", "--window", "8", "--memory", "8", "--budget", "20",
          "--answer-tokens", "4"],
         [root / "benchmarks/serve_load.py", "--out", load, "--sessions", "3", "--requests", "2",
-         "--max-new-tokens", "4", "--threads", "1"],
+         "--max-new-tokens", "4", "--threads", "1", "--batch-window-ms", "20"],
     ]  # fmt: skip
     processes = [subprocess.Popen([sys.executable, *map(str, c)], env=env,
                                   stdout=subprocess.DEVNULL) for c in commands]  # fmt: skip
@@ -306,3 +354,20 @@ def test_benchmark_scripts_run_bounded_and_write_json(tmp_path):
     assert "skipped" in record["lengths"][-1] and record["book"]["same_answer"]
     result = json.loads(load.read_text())
     assert result["requests"] == 3 * 3 and result["errors"] == 0 and result["all"]["p99_ms"] > 0
+    rows = result["batching"]["batch_rows"]  # the three generations, in batches of some size
+    assert result["batching"]["window_ms"] == 20 and sum(int(n) * k for n, k in rows.items()) == 3
+
+
+def test_gpu_serving_script_runs_at_toy_size_on_a_cpu(tmp_path):
+    """benchmarks/serve_gpu.sh with SMOKE=1: the lead's H200 script, end to end, on a CPU."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "SMOKE": "1", "PYTHON": sys.executable, "PYTHONPATH": str(root / "src")}
+    done = subprocess.run(["bash", str(root / "benchmarks/serve_gpu.sh"), str(tmp_path)], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    ingest = json.loads((tmp_path / "ingest.json").read_text())
+    assert ingest["model"]["d_model"] == 384 and ingest["book"]["same_answer"]
+    for batching, window in (("off", 0), ("on", 5)):
+        load = json.loads((tmp_path / f"serve_load_batching_{batching}.json").read_text())
+        assert load["errors"] == 0 and not load["timed_out"]
+        assert load["batching"]["window_ms"] == window

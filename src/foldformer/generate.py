@@ -26,6 +26,7 @@ another model or tokenizer) and `Engine` (a model with its tokenizer)::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -290,14 +291,6 @@ def _is_number(value) -> bool:
     return _is_int(value) or isinstance(value, float) and math.isfinite(value)
 
 
-def make_generators(seed: int | None, rows: int, device: torch.device) -> list | None:
-    """One generator per row, each seeded with `seed`: a row's tokens depend on its own
-    stream and seed only, not on the rows it shares a batch with."""
-    if seed is None:
-        return None
-    return [torch.Generator(device=device).manual_seed(seed) for _ in range(rows)]
-
-
 def sample_next(
     logits: Tensor,
     config: SamplingConfig,
@@ -338,33 +331,69 @@ def sample_next(
 
 
 class Decoder:
-    """Token-by-token decoding of a batch of streams that sit at the same position.
+    """Token-by-token decoding of a batch of streams that sit at the same phase.
 
     memory: the model's state after every token but the pending ones; pending (B,): the last
     token of each row, read by the next `step`. Each step reads the pending tokens, samples
     the next ones and makes them pending, so after any step `memory` and `pending` describe
-    the stream up to its newest token exactly as `read_context` would.
+    the stream up to its newest token exactly as `read_context` would. config: one for every
+    row or one per row. A seeded row draws from a generator of its own, so its tokens depend
+    on its own stream and seed only, not on the rows it shares a batch with.
     """
 
-    def __init__(self, model: nn.Module, memory, pending: Tensor, config: SamplingConfig):
-        self.model, self.memory, self.pending, self.config = model, memory, pending, config
-        self.generators = make_generators(config.seed, pending.shape[0], pending.device)
-        self.history: list[list[int]] = [[] for _ in range(pending.shape[0])]
+    def __init__(
+        self,
+        model: nn.Module,
+        memory,
+        pending: Tensor,
+        config: SamplingConfig | list[SamplingConfig],
+    ):
+        self.model, self.memory, self.pending = model, memory, pending
+        rows = pending.shape[0]
+        self.configs = list(config) if isinstance(config, list) else [config] * rows
+        self.generators = [
+            None if c.seed is None else torch.Generator(device=pending.device).manual_seed(c.seed)
+            for c in self.configs
+        ]
+        self.history: list[list[int]] = [[] for _ in range(rows)]
+        self._group()
 
     def remember(self, rows_ids: list[list[int]]) -> None:
         """Ids (per row) the repetition penalty counts besides the generated ones."""
         for seen, ids in zip(self.history, rows_ids, strict=True):
             seen.extend(ids)
 
+    def keep(self, rows: list[int]) -> None:
+        """Go on with these rows only (the others finished)."""
+        self.memory = None if self.memory is None else self.memory.index(rows)
+        self.pending = self.pending[rows]
+        self.configs = [self.configs[r] for r in rows]
+        self.generators = [self.generators[r] for r in rows]
+        self.history = [self.history[r] for r in rows]
+        self._group()
+
+    def _group(self) -> None:
+        """Rows that sample alike (the same config but for the seed), with their config."""
+        groups: dict[tuple, tuple[SamplingConfig, list[int]]] = {}
+        for row, config in enumerate(self.configs):
+            key = (config.replace(seed=None).to_json(), config.seed is None)
+            groups.setdefault(key, (config, []))[1].append(row)
+        self.sampling_groups = list(groups.values())
+
     @torch.no_grad()
     def step(self) -> Tensor:
         out = self.model(self.pending[:, None], memory=self.memory, logits_to_keep=1)
-        history = self.history if self.config.repetition_penalty != 1 else None
-        token = sample_next(out.logits[:, -1], self.config, self.generators, history)
+        logits = out.logits[:, -1]
+        token = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        for config, rows in self.sampling_groups:
+            penalised = config.repetition_penalty != 1
+            history = [self.history[r] for r in rows] if penalised else None
+            generators = None if config.seed is None else [self.generators[r] for r in rows]
+            token[rows] = sample_next(logits[rows], config, generators, history)
+            if penalised:
+                for r, t in zip(rows, token[rows].tolist(), strict=True):
+                    self.history[r].append(t)
         self.memory, self.pending = out.memory, token
-        if history is not None:
-            for seen, t in zip(self.history, token.tolist(), strict=True):
-                seen.append(t)
         return token
 
 
@@ -591,20 +620,28 @@ class Completion:
 
 
 class TextStream:
-    """Iterator over the text pieces of one answer; `.completion` is set once it is used up."""
+    """Iterator over the text pieces of one answer as they come, or (rows=True) over the
+    (row, piece) pairs of a batch's answers; `.completions` is set once it is used up, and
+    `.completion` is the first of them."""
 
-    def __init__(self, runner: Iterator[str]):
-        self._runner, self.completion = runner, None
+    def __init__(self, runner: Iterator[tuple[int, str]], rows: bool = False):
+        self._runner, self._rows = runner, rows
+        self.completions: list[Completion] | None = None
+
+    @property
+    def completion(self) -> Completion | None:
+        return self.completions and self.completions[0]
 
     def __iter__(self) -> TextStream:
         return self
 
-    def __next__(self) -> str:
+    def __next__(self):
         try:
-            return next(self._runner)
+            row, piece = next(self._runner)
         except StopIteration as end:
-            self.completion = end.value[0]
+            self.completions = end.value
             raise StopIteration from None
+        return (row, piece) if self._rows else piece
 
 
 class Engine:
@@ -681,30 +718,43 @@ class Engine:
         config: SamplingConfig | None = None,
     ) -> TextStream:
         """The text of one answer, piece by piece as it is produced."""
-        return TextStream(self._generate([prompt], [context], config or SamplingConfig(), True))
+        return TextStream(self._generate([prompt], [context], [config or SamplingConfig()]))
+
+    def stream_batch(
+        self,
+        prompts: list[str],
+        contexts: list[ContextState | None] | None = None,
+        config: SamplingConfig | list[SamplingConfig] | None = None,
+    ) -> TextStream:
+        """Answers to many prompts, each continuing its own context (None: a fresh stream),
+        with one sampling config for all or one per prompt, as (row, piece) pairs."""
+        contexts = contexts or [None] * len(prompts)
+        if not isinstance(config, list):
+            config = [config or SamplingConfig()] * len(prompts)
+        for what, values in (("contexts", contexts), ("configs", config)):
+            if len(values) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(values)} {what}")
+        return TextStream(self._generate(prompts, contexts, config), rows=True)
 
     def complete(
         self,
         prompts: list[str],
         contexts: list[ContextState | None] | None = None,
-        config: SamplingConfig | None = None,
+        config: SamplingConfig | list[SamplingConfig] | None = None,
     ) -> list[Completion]:
-        """Answers to many prompts, each continuing its own context (None: a fresh stream)."""
-        contexts = contexts or [None] * len(prompts)
-        if len(contexts) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(contexts)} contexts")
-        runner = self._generate(prompts, contexts, config or SamplingConfig(), False)
-        while True:
-            try:
-                next(runner)
-            except StopIteration as end:
-                return end.value
+        """The finished answers of `stream_batch`."""
+        stream = self.stream_batch(prompts, contexts, config)
+        for _ in stream:
+            pass
+        return stream.completions
 
-    def _generate(self, prompts, contexts, config: SamplingConfig, pieces: bool):
-        """Rows are grouped by stream length and a group is one batch from its prompt to its
-        last token. Rows of different lengths never share a forward call: a recurrent state
-        is tied to a position in the fold, and left padding would push pad tokens through the
-        memory and change every later fold. pieces: yield the text as it comes (one row)."""
+    def _generate(self, prompts, contexts, configs):
+        """Yields (row, text piece) as they come; returns the completions.
+
+        Rows share a forward call only where their streams sit at the same phase
+        (`stream_phase`): a recurrent state is tied to a place in its fold, and left padding
+        would push pad tokens through the memory and change every later fold. So rows whose
+        prompts end at one phase are decoded as one batch, which rows leave as they finish."""
         rows = []
         for prompt, context in zip(prompts, contexts, strict=True):
             context = context or ContextState()
@@ -712,70 +762,91 @@ class Engine:
             if context.tokens == 0 and not ids:  # nothing to continue: start a document
                 ids = [self.tokenizer.eod_id]
             rows.append((context, ids))
-        groups: dict[tuple[int, int], list[int]] = {}
+        batches: dict[int, list[int]] = {}
         for i, (context, ids) in enumerate(rows):
-            groups.setdefault((context.tokens, len(ids)), []).append(i)
+            batches.setdefault(self.model.stream_phase(context.tokens + len(ids) - 1), []).append(i)
         results: list[Completion | None] = [None] * len(rows)
-        for members in groups.values():
-            done = yield from self._run_group([rows[i] for i in members], config, pieces)
-            for i, completion in zip(members, done, strict=True):
+        for members in batches.values():
+            done = yield from self._run_batch({i: rows[i] for i in members}, configs)
+            for i, completion in done.items():
                 results[i] = completion
         return results
 
-    @torch.no_grad()
-    def _run_group(self, rows, config: SamplingConfig, pieces: bool):
-        contexts = [context for context, _ in rows]
-        prompts = [ids for _, ids in rows]
-        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
-        if contexts[0].last_token is not None:
-            last = torch.tensor([[c.last_token] for c in contexts], device=self.device)
-            ids = torch.cat([last, ids], dim=1)
-        memory = None
-        if contexts[0].memory is not None:
-            memory = type(contexts[0].memory).concat([c.memory for c in contexts])
-        decoder = Decoder(
-            self.model, ingest(self.model, ids[:, :-1], memory, self.chunk_size), ids[:, -1], config
+    def _concat(self, states: list, rows: list[int]):
+        """One state of all the rows of `states`; None (a fresh stream) is the initial state."""
+        if all(state is None for state in states):
+            return None
+        return self.model.state_class.concat(
+            [
+                self.model.initial_state(n) if s is None else s
+                for s, n in zip(states, rows, strict=True)
+            ]
         )
-        decoder.remember(prompts)
-        base = contexts[0].tokens + len(prompts[0])
-        texts = [TextDecoder(self.tokenizer, config.stop) for _ in rows]
+
+    @torch.no_grad()
+    def _prefill(self, rows: dict, configs: list) -> tuple[Decoder, list[int]]:
+        """Read the prompts of `rows` {index: (context, prompt ids)} in groups of one phase and
+        one length (each group one forward call) into one decoder; and which row is which."""
+        groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+        for i, (context, ids) in rows.items():
+            unread = [] if context.last_token is None else [context.last_token]
+            unread += ids  # the context's last token was not read yet
+            key = (self.model.stream_phase(max(context.tokens - 1, 0)), len(unread))
+            groups.setdefault(key, []).append((i, unread))
+        order, states, pending = [], [], []
+        for group in groups.values():
+            ids = torch.tensor([unread for _, unread in group], device=self.device)
+            memory = self._concat([rows[i][0].memory for i, _ in group], [1] * len(group))
+            states.append(ingest(self.model, ids[:, :-1], memory, self.chunk_size))
+            pending.append(ids[:, -1])
+            order += [i for i, _ in group]
+        decoder = Decoder(
+            self.model,
+            self._concat(states, [len(group) for group in groups.values()]),
+            torch.cat(pending),
+            [configs[i] for i in order],
+        )
+        decoder.remember([rows[i][1] for i in order])
+        return decoder, order
+
+    def _run_batch(self, rows: dict, configs: list):
+        """Decode `rows` {index: (context, prompt ids)} as one batch: yields (index, piece),
+        returns {index: Completion}."""
+        decoder, active = self._prefill(rows, configs)
+        texts = {i: TextDecoder(self.tokenizer, configs[i].stop) for i in active}
+        ends: dict[int, tuple[str, list[int]]] = {}  # why a row ended, and its ids
         finished: dict[int, Completion] = {}
-
-        def finish(row: int, reason: str, new_tokens: int, ids: list[int]) -> None:
-            memory = decoder.memory
-            context = ContextState(
-                None if memory is None else memory.index([row]),
-                int(decoder.pending[row]),
-                base + new_tokens,
-            )
-            finished[row] = Completion("", reason, len(prompts[row]), ids, context)
-
-        if config.max_new_tokens == 0:  # the prompt is read, nothing generated
-            for row in range(len(rows)):
-                finish(row, "length", 0, [])
-        for new_tokens in range(1, config.max_new_tokens + 1):
-            for row, token in enumerate(decoder.step().tolist()):
-                if row in finished:
+        for new_tokens in itertools.count():
+            going = []
+            for pos, i in enumerate(active):  # rows that end here keep the decoder's state
+                if i not in ends and new_tokens == configs[i].max_new_tokens:
+                    ends[i] = ("length", texts[i].ids)
+                if i not in ends:
+                    going.append(pos)
                     continue
-                ids = texts[row].ids
-                if config.stop_at_eod and token == self.tokenizer.eod_id:
-                    finish(row, "stop", new_tokens, ids + [token])  # read, but not text
+                piece = texts[i].finish()  # what was held back, unless a stop string cut it
+                if piece:
+                    yield i, piece
+                memory = None if decoder.memory is None else decoder.memory.index([pos])
+                context, ids = rows[i]
+                state = ContextState(memory, int(decoder.pending[pos]),
+                                     context.tokens + len(ids) + new_tokens)  # fmt: skip
+                reason, token_ids = ends[i]
+                finished[i] = Completion(texts[i].text, reason, len(ids), token_ids, state)
+            if not going:
+                return finished
+            if len(going) < len(active):
+                decoder.keep(going)
+                active = [active[pos] for pos in going]
+            for i, token in zip(active, decoder.step().tolist(), strict=True):
+                if configs[i].stop_at_eod and token == self.tokenizer.eod_id:
+                    ends[i] = ("stop", texts[i].ids + [token])  # read, but not text
                     continue
-                piece = texts[row].push(token)
-                if pieces and piece:
-                    yield piece
-                if texts[row].stopped:
-                    finish(row, "stop", new_tokens, ids)
-                elif new_tokens == config.max_new_tokens:
-                    finish(row, "length", new_tokens, ids)
-            if len(finished) == len(rows):
-                break
-        for row, text in enumerate(texts):
-            piece = text.finish()  # what was held back, unless a stop string cut it
-            if pieces and piece:
-                yield piece
-            finished[row].text = text.text
-        return [finished[row] for row in range(len(rows))]
+                piece = texts[i].push(token)
+                if piece:
+                    yield i, piece
+                if texts[i].stopped:
+                    ends[i] = ("stop", texts[i].ids)
 
 
 __all__ = [

@@ -190,6 +190,11 @@ class FoldedTransformer(TransformerLM):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._fold_step = torch.compile(self.complete_fold, **compile_options)
 
+    def stream_phase(self, position: int) -> int:
+        """Every fold starts from a memory and uses positions 0 … m+w−1, so two streams at
+        the same place in their folds compute alike, whatever fold each is in."""
+        return position % self.config.segment_len
+
     # -- one fold: what the segment driver calls ----------------------------------------------
 
     def chunk_context(self, x: Tensor, state: FoldState) -> tuple[Tensor, Tensor]:

@@ -201,6 +201,13 @@ class StreamingLM(nn.Module):
         """The state after a segment completed by `partial_segment` -> the next segment's."""
         raise NotImplementedError
 
+    def stream_phase(self, position: int) -> int:
+        """Streams whose states hold tokens up to equal phases may share a batch: the next
+        token's computation depends on the position only through the phase. Here the position
+        itself, right for any model; a model whose segments do not see their absolute
+        position says less."""
+        return position
+
     def reset_rows(self, state: StreamState, rows: Tensor) -> StreamState:
         """Restart rows (B,) bool from the initial state (called on a segment boundary)."""
         return state.where(rows, self.initial_state(rows.shape[0]))

@@ -27,6 +27,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     for name, value in vars(Limits()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value,
                             help=f"limit (default {value})")  # fmt: skip
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        help="decode generations of different sessions that arrive within this "
+        "window as one batch; 0: off (default 5 on CUDA, 0 on a CPU, where the "
+        "gain depends on the load: docs/serving.md)",
+    )
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="rows that start a batch at once (default 32)")  # fmt: skip
     parser.set_defaults(handler=_run)
 
 
@@ -42,6 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     from foldformer.config import ConfigError
     from foldformer.generate import Engine
     from foldformer.serve.app import Limits, create_app
+    from foldformer.serve.batcher import Batching, default_window_ms
     from foldformer.serve.store import SessionStore
 
     limits = Limits(**{name: getattr(args, name) for name in vars(Limits())})
@@ -50,9 +60,16 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    if args.batch_window_ms is not None and not 0 <= args.batch_window_ms <= 1000:
+        raise ConfigError(f"--batch-window-ms must be in 0..1000, got {args.batch_window_ms}")
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
     from foldformer.evaluate.common import resolve_device
 
     engine = Engine.load(args.checkpoint, device=resolve_device(args.device))
+    window_ms = args.batch_window_ms
+    batching = Batching(default_window_ms(engine.device) if window_ms is None else window_ms,
+                        args.max_batch)  # fmt: skip
     store = SessionStore(args.db)
     app = create_app(
         engine,
@@ -60,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         args.model_name or model_name(Path(args.checkpoint)),
         limits,
         args.api_key or os.environ.get("FOLDFORMER_API_KEY"),
+        batching,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -11,8 +11,10 @@ into the model's state and kept in SQLite, so later questions cost only their ow
     GET    /v1/models, /healthz, /openapi.json
 
 Requests on one session are serialised by a lock; model work runs in worker threads, so other
-sessions go on meanwhile. A generation changes the session only with "commit": true, and then
-the prompt and every generated token (the answer's stop text too) are read into it.
+sessions go on meanwhile, and generations of different sessions that arrive within a short
+window are decoded as one batch (`foldformer.serve.batcher`; on by default on a GPU). A
+generation changes the session only with "commit": true, and then the prompt and every
+generated token (the answer's stop text too) are read into it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from foldformer.config import ConfigError
 from foldformer.generate import ContextState, ContextStateError, Engine, SamplingConfig
+from foldformer.serve.batcher import Batcher, Batching, default_window_ms
 from foldformer.serve.store import Session, SessionLimitError, SessionStore
 
 
@@ -221,8 +224,10 @@ def create_app(
     model_name: str,
     limits: Limits | None = None,
     api_key: str | None = None,
+    batching: Batching | None = None,
 ) -> FastAPI:
     limits = limits or Limits()
+    batching = batching or Batching(default_window_ms(engine.device))
 
     def authorise(
         credentials: Credentials,
@@ -251,6 +256,8 @@ def create_app(
         """Database work in a thread of its own pool: never queued behind the model."""
         return await anyio.to_thread.run_sync(fn, *args)
 
+    batcher = Batcher(engine, batching, work)
+
     def lock(session_id: str) -> asyncio.Lock:
         return locks.setdefault(session_id, asyncio.Lock())
 
@@ -271,7 +278,9 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "model": model_name, "sessions": await db(store.count)}
+        stats = {name: dict(sorted(counts.items())) for name, counts in batcher.stats.items()}
+        return {"status": "ok", "model": model_name, "sessions": await db(store.count),
+                "batching": {**vars(batching), **stats}}  # fmt: skip
 
     @v1.post("/sessions", response_model=Tokens, status_code=201)
     async def create_session(body: CreateSession | None = None) -> Tokens:
@@ -338,7 +347,7 @@ def create_app(
         if not body.stream:
             async with lock(session_id):
                 session, context = await load(session_id)
-                (done,) = await work(engine.complete, [body.prompt], [context], config)
+                (done,) = await batcher.complete([body.prompt], [context], config)
                 if body.commit:
                     await save(session, done.context)
             return result(session, done, body.commit)
@@ -347,12 +356,13 @@ def create_app(
             async with lock(session_id):
                 try:
                     session, context = await load(session_id)
-                    stream = engine.stream(body.prompt, context, config)
-                    while (piece := await work(next, stream, None)) is not None:
+                    job = batcher.submit([body.prompt], [context], config, stream=True)
+                    async for _, piece in job.stream():
                         yield sse({"text": piece})
+                    (done,) = await job.done
                     if body.commit:
-                        await save(session, stream.completion.context)
-                    final = result(session, stream.completion, body.commit)
+                        await save(session, done.context)
+                    final = result(session, done, body.commit)
                     yield sse(final.model_dump(exclude={"text"}))  # the pieces were the text
                 except HTTPException as error:  # the response has started: report in-band
                     yield sse({"error": error.detail, "status": error.status_code})
@@ -394,7 +404,7 @@ def create_app(
         config = sampling_config(sampling, limits)
         reply = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_name)
         if not body.stream:
-            done = await work(engine.complete, prompts, None, config)
+            done = await batcher.complete(prompts, [None] * len(prompts), config)
             choices = [Choice(text=d.text, index=i, finish_reason=d.finish_reason)
                        for i, d in enumerate(done)]  # fmt: skip
             prompt_tokens = sum(d.prompt_tokens for d in done)
@@ -408,11 +418,11 @@ def create_app(
             return sse(CompletionResponse(**reply, choices=[choice]).model_dump())
 
         async def events() -> AsyncIterator[str]:
-            for index, prompt in enumerate(prompts):
-                stream = engine.stream(prompt, None, config)
-                while (piece := await work(next, stream, None)) is not None:
-                    yield chunk(index, piece, None)
-                yield chunk(index, "", stream.completion.finish_reason)
+            job = batcher.submit(prompts, [None] * len(prompts), config, stream=True)
+            async for index, piece in job.stream():  # the prompts' pieces may interleave
+                yield chunk(index, piece, None)
+            for index, done in enumerate(await job.done):
+                yield chunk(index, "", done.finish_reason)
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
