@@ -180,7 +180,7 @@ class HFStreamingLM(StreamingLM):
         elif decoder is None:  # weights follow (from_pretrained) or start fresh
             decoder = AutoModelForCausalLM.from_config(config.decoder_config(), dtype=torch.float32)
         self.decoder = decoder
-        self.d_model = config.d_model
+        self.d_model = decoder.config.hidden_size
 
     def run_blocks(
         self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None, use_cache: bool = True
