@@ -17,7 +17,8 @@
 
 Every training stage is a `foldformer train` command (listed in OUT/hf_fold.json with its wall
 time); each has a time cap so the whole run ends within the GPU slot: a stage stopped by its
-cap saw fewer tokens, which the summary says ("tokens", "matched_tokens"). Writes
+cap saw fewer tokens, which the summary says ("tokens", "matched_tokens"; then rerun with
+fewer steps, e.g. PRE_STEPS=200 FT_STEPS=100, for matched tokens). Writes
 OUT/hf_fold.json (the table) and OUT/hf_fold_records.tar.gz (every record, log and
 metrics.jsonl).
 """
@@ -49,7 +50,10 @@ else:
     SHAPE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
                  num_attention_heads=6, num_key_value_heads=6)  # fmt: skip
     # 131,072 tokens a step everywhere: pretraining rows of 512, folded rows of 1024
-    WINDOW, W, M, ROWS, PRE_STEPS, FT_STEPS = 512, 64, 64, 256, 300, 150
+    WINDOW, W, M, ROWS = 512, 64, 64, 256
+    # PRE_STEPS=N / FT_STEPS=N in the environment: fewer steps where a stage met its cap
+    PRE_STEPS = int(os.environ.get("PRE_STEPS", 300))
+    FT_STEPS = int(os.environ.get("FT_STEPS", 150))
     COMMON = ["--eval_every", "0", "--log_every", "10"]
     # minutes, 5.1 in all: a stage past its cap stops early and the summary says so
     CAPS = dict(pretrain=1.0, unfolded=0.5, folded=0.8, rmt=1.0, scratch=1.8)
