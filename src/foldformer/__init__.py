@@ -1,6 +1,7 @@
 """foldformer: folded context condensation transformers (arXiv 2405.04620)."""
 
 from foldformer.config import ConfigError, FoldedConfig
+from foldformer.hf_fold import fold, wrap_rmt
 from foldformer.model import FoldedOutput, FoldedTransformer, FoldState
 
 __version__ = "0.1.0"
@@ -12,4 +13,6 @@ __all__ = [
     "FoldedOutput",
     "FoldedTransformer",
     "__version__",
+    "fold",
+    "wrap_rmt",
 ]

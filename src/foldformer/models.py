@@ -48,6 +48,9 @@ MODEL_TYPES: dict[str, tuple[str, str, str]] = {
         "PeerBlockRecurrent",
         "PeerBlockRecurrentConfig",
     ),
+    # a pretrained Hugging Face decoder, folded or as an RMT (foldformer.hf_fold)
+    "hf_folded": ("foldformer.hf_fold", "FoldedHFDecoder", "HFDecoderConfig"),
+    "hf_rmt": ("foldformer.hf_fold", "RMTHFDecoder", "HFRMTConfig"),
 }
 
 
