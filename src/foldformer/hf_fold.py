@@ -31,6 +31,8 @@ masks (every row of a batch is a stream), and changing the decoder's vocabulary.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,14 +197,22 @@ class HFStreamingLM(StreamingLM):
         hf_cache = None
         if use_cache:
             hf_cache = DynamicCache(None if cache is None else list(zip(*cache, strict=True)))
+        # transformers renamed past_key_values to cache (5.2x); the cache object is filled in
+        # place under either name, so it is read back from there.
         out = self.decoder.base_model(
-            inputs_embeds=x, position_ids=positions, cache=hf_cache, use_cache=use_cache
-        )
+            inputs_embeds=x, position_ids=positions, use_cache=use_cache,
+            **{self._cache_argument: hf_cache},
+        )  # fmt: skip
         if not use_cache:
             return out.last_hidden_state, None, None
-        keys = torch.stack([layer.keys for layer in out.cache.layers])
-        values = torch.stack([layer.values for layer in out.cache.layers])
+        keys = torch.stack([layer.keys for layer in hf_cache.layers])
+        values = torch.stack([layer.values for layer in hf_cache.layers])
         return out.last_hidden_state, keys, values
+
+    @functools.cached_property
+    def _cache_argument(self) -> str:
+        names = inspect.signature(self.decoder.base_model.forward).parameters
+        return "cache" if "cache" in names else "past_key_values"
 
     @property
     def embed(self) -> nn.Embedding:
