@@ -51,10 +51,13 @@ class TrainConfig(JsonConfig):
     # False: a block's parameters stay gathered from its first fold until the step is done,
     # instead of being re-gathered for every fold (more memory, fewer all-gathers)
     fsdp_reshard_after_forward: bool = True
-
-    LATER_FIELDS = ("fsdp_reshard_after_forward",)
     memory_fraction: float = 0.0  # >0: cap CUDA memory per process (e.g. the note's 24 GB)
     progress: bool = True  # a progress bar
+    # a model folder (RUN/final, a checkpoints/step_N folder, a Hugging Face save_pretrained
+    # folder): a new run starts from its weights, model config and tokenizer (docs/training.md)
+    init_from: str = ""
+
+    LATER_FIELDS = ("fsdp_reshard_after_forward", "init_from")
 
     def __post_init__(self) -> None:
         _parse_fields(self, "train")
