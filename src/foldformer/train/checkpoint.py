@@ -323,7 +323,8 @@ class Checkpointer:
         if fixed:
             raise ConfigError(
                 f"--resume {ckpt}: {'; '.join(fixed)}: a resume continues the same model on "
-                "the same data; start a new run (another --out) instead"
+                f"the same data; start a new run (another --out) instead, with --init-from {ckpt} "
+                "to fine-tune these weights"
             )
         changed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in hyper.items())
         if hyper and not allow:

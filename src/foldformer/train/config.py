@@ -53,9 +53,9 @@ class TrainConfig(JsonConfig):
     fsdp_reshard_after_forward: bool = True
     memory_fraction: float = 0.0  # >0: cap CUDA memory per process (e.g. the note's 24 GB)
     progress: bool = True  # a progress bar
-    # a model folder (RUN/final, a checkpoints/step_N folder, a Hugging Face save_pretrained
-    # folder): a new run starts from its weights, model config and tokenizer (docs/training.md)
-    init_from: str = ""
+    # A new run from a model folder's weights, model config and tokenizer (RUN, RUN/final, a
+    # step_N checkpoint, a save_pretrained folder): docs/huggingface.md
+    init_from: str = ""  # a model folder to fine-tune (fresh optimizer, new data)
 
     LATER_FIELDS = ("fsdp_reshard_after_forward", "init_from")
 
