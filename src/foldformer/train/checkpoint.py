@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from foldformer.config import KERNEL_FIELDS, ConfigError, read_model_config
-from foldformer.models import _classes, build_model
-from foldformer.train.config import RunConfig
+from foldformer.models import build_model
+from foldformer.train.config import RunConfig, model_config_class
 from foldformer.train.parallel import full_state_dict_options, unwrap
 
 # What a checkpoint holds beyond a loadable model directory (config, weights, tokenizer).
@@ -372,7 +372,7 @@ def init_model_config(source: Path, model_type: str, given: dict[str, Any]) -> d
             f"--init-from {source} holds a {found!r} model, the run a {model_type!r} one: add "
             f"--model_type {found}"
         )
-    config = _classes(found)[1].from_dict(values)
+    config = model_config_class(found).from_dict(values)
     changed = [f"{k} {getattr(config, k)!r} -> {v!r}" for k, v in given.items()
                if k not in FINETUNE_FIELDS and getattr(config, k) != v]  # fmt: skip
     if changed:
