@@ -168,9 +168,10 @@ def test_byte_tokenizer_round_trip(tmp_path):
     assert ids == list(text.encode()) and max(ids) < 256 and tok.eod_id == 256
     assert tok.decode(ids + [tok.eod_id]) == text
     assert isinstance(tok, Tokenizer)
-    tok.save(tmp_path)
-    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {"type": "bytes"}
+    tok.save(tmp_path)  # a Hugging Face folder (tests/test_hf.py loads it with AutoTokenizer)
+    assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.json", "tokenizer_config.json"}
     assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    assert isinstance(load_tokenizer(tmp_path / "tokenizer.json"), ByteTokenizer)
     with pytest.raises(FileNotFoundError, match="no-such"):
         load_tokenizer(tmp_path / "no-such")
 

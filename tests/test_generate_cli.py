@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from foldformer.cli import console
+from foldformer.data.tokenizers import ByteTokenizer
 from foldformer.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,9 +62,7 @@ def test_bad_input_is_one_line(tiny_checkpoint, tmp_path, capsys):
     torch.manual_seed(1)
     shape = dict(vocab_size=257, d_model=16, n_layers=2, n_heads=2, segment_len=8, memory_len=4)
     build_model("folded", shape).save_pretrained(other)
-    (other / "tokenizer_config.json").write_bytes(
-        (tiny_checkpoint / "tokenizer_config.json").read_bytes()
-    )
+    ByteTokenizer().save(other)
     state = tmp_path / "s.state"
     run(capsys, other, "--prompt", "x", "--max-new-tokens", 1, "--state-out", state)
     code, out, err = run(capsys, tiny_checkpoint, "--prompt", "x", "--state-in", state)

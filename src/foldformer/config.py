@@ -18,6 +18,9 @@ GATE_ACTIVATIONS = ("sigmoid", "hardsigmoid", "clamp_st")
 # Fields that choose how a model computes, not what: a run may resume, and a saved context
 # state may load, under another value (the numbers change by float rounding at most).
 KERNEL_FIELDS = ("attention",)
+# What transformers' save_pretrained adds to a config.json (foldformer.hf): not model fields,
+# skipped when foldformer reads one.
+HF_CONFIG_KEYS = ("architectures", "transformers_version", "dtype", "torch_dtype", "use_cache")
 
 T = TypeVar("T", bound="JsonConfig")
 
@@ -66,6 +69,18 @@ class JsonConfig:
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def read_model_config(directory: str | Path) -> tuple[str, dict[str, Any]]:
+    """(model_type, config fields) of a model folder's config.json, written by foldformer or by
+    transformers (foldformer.hf); FileNotFoundError naming the folder when it has none."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a model directory: no config.json in it")
+    values = json.loads(path.read_text())
+    for key in HF_CONFIG_KEYS:
+        values.pop(key, None)
+    return values.pop("model_type", "folded"), values
 
 
 def _check(condition: bool, message: str) -> None:

@@ -15,14 +15,13 @@ segments, each model one segment. Variants register themselves here with `regist
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from foldformer.config import FoldedConfig
+from foldformer.config import FoldedConfig, read_model_config
 from foldformer.model import FoldedTransformer
 
 # model_type -> (module path, model class name, config class name)
@@ -74,11 +73,7 @@ def build_model(model_type: str, config_values: dict[str, Any]) -> nn.Module:
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load any model written by `save_pretrained`, dispatching on its model_type."""
-    directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a model directory: no config.json in it")
-    model_type = json.loads(config_path.read_text()).get("model_type", "folded")
+    model_type, _ = read_model_config(directory)
     model_class, _ = _classes(model_type)
     return model_class.from_pretrained(directory, device=device)
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from foldformer.config import DecoderConfig
+from foldformer.config import DecoderConfig, read_model_config
 
 S = TypeVar("S", bound="StreamState")
 
@@ -353,11 +353,7 @@ class StreamingLM(nn.Module):
         from safetensors.torch import load_model
 
         directory = Path(directory)
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"no config.json in {directory}")
-        values = json.loads(config_path.read_text())
-        found = values.pop("model_type", "folded")
+        found, values = read_model_config(directory)
         if found != cls.model_type:
             raise ValueError(f"{directory} holds a {found!r} model, not a {cls.model_type!r} one")
         model = cls(cls.config_class.from_dict(values))

@@ -21,7 +21,12 @@ from foldformer.train import load_run_config, train
 from foldformer.train.config import run_sections
 
 # Options kept from before the fields were options: the same fields, by these names.
-ALIASES = {"train.max_steps": ["--max-steps"], "data.train": ["--data"], "data.val": ["--val-data"]}
+ALIASES = {
+    "train.max_steps": ["--max-steps"],
+    "train.init_from": ["--init-from"],
+    "data.train": ["--data"],
+    "data.val": ["--val-data"],
+}
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:

@@ -2,8 +2,10 @@
 
 Both follow one small protocol (`Tokenizer`): ``vocab_size``, ``eod_id`` (the end-of-document
 token every document ends with), ``encode``, ``decode``, ``name`` and ``save(directory)``.
-A training checkpoint directory holds tokenizer.json (HF) or tokenizer_config.json
-({"type": "bytes"}); `load_tokenizer` reads either.
+`save` writes a Hugging Face tokenizer folder (tokenizer.json and tokenizer_config.json), so
+``transformers.AutoTokenizer.from_pretrained(directory)`` loads it: the byte tokenizer as a
+byte-level tokenizer.json with the same ids. `load_tokenizer` reads those folders, and the
+folders written before (a byte tokenizer's tokenizer_config.json {"type": "bytes"}).
 """
 
 from __future__ import annotations
@@ -63,15 +65,43 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
     def save(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "tokenizer_config.json").write_text(json.dumps({"type": "bytes"}) + "\n")
+        save_hf_folder(byte_level_tokenizer(), directory)
 
     def fingerprint(self) -> str:
         return "bytes-v1"
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
+
+
+def byte_level_tokenizer():
+    """`ByteTokenizer` as a Hugging Face `tokenizers.Tokenizer`: byte b is token b (spelled by
+    GPT-2's byte-to-character table), "<|endoftext|>" is token 256, no merges."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as _HF
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    tokenizer = _HF(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(EOD_TOKEN, special=True)])
+    return tokenizer
+
+
+def save_hf_folder(tokenizer, directory: str | os.PathLike) -> None:
+    """tokenizer.json and the tokenizer_config.json `transformers.AutoTokenizer` reads (a fast
+    tokenizer whose end-of-sequence token is "<|endoftext|>")."""
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOD_TOKEN).save_pretrained(
+        directory
+    )
+    # transformers' copy of tokenizer.json adds an empty post-processor: the file stays
+    # foldformer's, so the tokenizer's fingerprint (token caches, saved states) is unchanged.
+    tokenizer.save(str(directory / "tokenizer.json"))
 
 
 class HFTokenizer:
@@ -123,9 +153,7 @@ class HFTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(directory / "tokenizer.json"))
+        save_hf_folder(self.tokenizer, directory)
 
     def fingerprint(self) -> str:
         return self.tokenizer.to_str()
@@ -134,9 +162,21 @@ class HFTokenizer:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
 
+def _from_file(path: Path) -> Tokenizer:
+    """A tokenizer.json: the byte tokenizer's (as `ByteTokenizer.save` writes it) or any other."""
+    tokenizer = HFTokenizer.from_file(path)
+    if (
+        tokenizer.vocab_size == ByteTokenizer.vocab_size
+        and tokenizer.fingerprint() == byte_level_tokenizer().to_str()
+    ):
+        return ByteTokenizer()
+    return tokenizer
+
+
 def load_tokenizer(spec: str | os.PathLike | Tokenizer | None = "bytes") -> Tokenizer:
     """A tokenizer from "bytes", a tokenizer.json path, or a directory holding tokenizer.json
-    or tokenizer_config.json (a checkpoint directory). A Tokenizer is returned as is."""
+    or (written before tokenizer.json was) a byte tokenizer's tokenizer_config.json. A
+    Tokenizer is returned as is."""
     if spec is None:
         return ByteTokenizer()
     if not isinstance(spec, (str, os.PathLike)):
@@ -147,16 +187,16 @@ def load_tokenizer(spec: str | os.PathLike | Tokenizer | None = "bytes") -> Toke
     path = Path(text)
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
-            return HFTokenizer.from_file(path / "tokenizer.json")
+            return _from_file(path / "tokenizer.json")
         config = path / "tokenizer_config.json"
-        if config.is_file():
+        if config.is_file():  # a byte tokenizer saved before it wrote tokenizer.json
             values = json.loads(config.read_text())
             if values.get("type") == "bytes":
                 return ByteTokenizer()
             raise DataError(f"{config}: unknown tokenizer type {values.get('type')!r}")
         raise FileNotFoundError(f"no tokenizer.json or tokenizer_config.json in {text!r}")
     if path.is_file():
-        return HFTokenizer.from_file(path)
+        return _from_file(path)
     raise FileNotFoundError(
         f"tokenizer {text!r} is neither 'bytes' nor an existing tokenizer.json or directory"
     )

@@ -1,6 +1,7 @@
 """Checkpoints: a loadable model directory (config.json, model.safetensors, tokenizer) plus what
 a resume needs (optimizer and schedule, every rank's data position and carried memory, RNG
-states, the run config).
+states, the run config). And the start of a fine-tune (`--init-from`): another run's model
+folder, whose weights, model config and tokenizer a new run starts from.
 
 A checkpoint is written in checkpoints/step_N.tmp, its list of files (complete.json) last, then
 renamed to step_N. Resume takes the newest step_N with that list and every file on it, removes
@@ -25,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from foldformer.config import KERNEL_FIELDS, ConfigError
+from foldformer.config import KERNEL_FIELDS, ConfigError, read_model_config
 from foldformer.models import build_model
-from foldformer.train.config import RunConfig
+from foldformer.train.config import RunConfig, model_config_class
 from foldformer.train.parallel import full_state_dict_options, unwrap
 
 # What a checkpoint holds beyond a loadable model directory (config, weights, tokenizer).
@@ -153,6 +154,11 @@ def find_resume_checkpoint(path: str | Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {path}: no such run or checkpoint folder")
     found = checkpoint_dirs(path)
+    if not found and (path / "config.json").is_file():
+        raise ConfigError(
+            f"--resume {path}: a model folder, without the training state a resume continues; "
+            f"to fine-tune its weights in a new run (new data, fresh optimizer) use --init-from {path}"
+        )
     if not found:
         raise FileNotFoundError(f"--resume {path}: no complete checkpoint (checkpoints/step_*)")
     return found[-1]
@@ -317,7 +323,8 @@ class Checkpointer:
         if fixed:
             raise ConfigError(
                 f"--resume {ckpt}: {'; '.join(fixed)}: a resume continues the same model on "
-                "the same data; start a new run (another --out) instead"
+                f"the same data; start a new run (another --out) instead, with --init-from {ckpt} "
+                "to fine-tune these weights"
             )
         changed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in hyper.items())
         if hyper and not allow:
@@ -332,3 +339,79 @@ class Checkpointer:
             if self.rank == 0:
                 print(f"resuming with changed hyper-parameters: {changed}")
         return bool(hyper)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning: --init-from
+# ---------------------------------------------------------------------------------------------
+
+# Model fields a fine-tune may change: how the weights are used, not what they are. Any other
+# field keeps the source's value (a change is refused by name).
+FINETUNE_FIELDS = ("segment_len", "memory_len", "dropout", *KERNEL_FIELDS)
+
+
+def init_source(path: str | Path) -> Path:
+    """The model folder of `--init-from`: the folder itself, or a run's final model."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
+        path = path / "final"
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ConfigError(
+            f"--init-from {path}: not a model folder (config.json and model.safetensors); give "
+            "RUN, RUN/final, RUN/checkpoints/step_N or a save_pretrained folder"
+        )
+    return path
+
+
+def init_model_config(source: Path, model_type: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The model fields of a fine-tune of `source`: its own, with the FINETUNE_FIELDS the run
+    gives (`given`: the fields the preset, file or command line set)."""
+    found, values = read_model_config(source)
+    if found != model_type:
+        raise ConfigError(
+            f"--init-from {source} holds a {found!r} model, the run a {model_type!r} one: add "
+            f"--model_type {found}"
+        )
+    config = model_config_class(found).from_dict(values)
+    changed = [f"{k} {getattr(config, k)!r} -> {v!r}" for k, v in given.items()
+               if k not in FINETUNE_FIELDS and getattr(config, k) != v]  # fmt: skip
+    if changed:
+        raise ConfigError(
+            f"--init-from {source}: {'; '.join(changed)}: a fine-tune keeps the source's model "
+            f"(only {', '.join(FINETUNE_FIELDS)} may change)"
+        )
+    return config.replace(**{k: v for k, v in given.items() if k in FINETUNE_FIELDS}).to_dict()
+
+
+def init_tokenizer(source: Path, tokenizer: str) -> str:
+    """The run's tokenizer: the source's (the weights read its token ids); `tokenizer`, the
+    run's data.tokenizer, may name it again or be left at "bytes"."""
+    from foldformer.data.tokenizers import ByteTokenizer, load_tokenizer
+
+    try:
+        own = load_tokenizer(source)
+    except FileNotFoundError:  # a folder saved without its tokenizer: the run's
+        return tokenizer
+    if tokenizer == "bytes" or load_tokenizer(tokenizer).fingerprint() == own.fingerprint():
+        return "bytes" if isinstance(own, ByteTokenizer) else str(source)
+    raise ConfigError(
+        f"--init-from {source}: tokenizer {tokenizer!r} is not the one the weights were trained "
+        f"with ({own.name}); leave --tokenizer out to use the source's"
+    )
+
+
+def load_init_weights(model: nn.Module, source: Path) -> None:
+    """Copy `source`'s weights into `model`, refusing names and shapes that do not map."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(source / "model.safetensors"))
+    own = model.state_dict()
+    read = {own[k].data_ptr() for k in tensors if k in own}  # a tied weight is read once
+    problems = [f"{k} {tuple(t.shape)} in the source, {tuple(own[k].shape)} here"
+                for k, t in tensors.items() if k in own and t.shape != own[k].shape]  # fmt: skip
+    problems += [f"{k} is not in this model" for k in tensors if k not in own]
+    problems += [f"{k} is not in the source" for k in own
+                 if k not in tensors and own[k].data_ptr() not in read]  # fmt: skip
+    if problems:
+        raise ConfigError(f"--init-from {source}: the weights do not map: {'; '.join(problems)}")
+    model.load_state_dict(tensors, strict=False)

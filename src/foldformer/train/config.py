@@ -51,10 +51,13 @@ class TrainConfig(JsonConfig):
     # False: a block's parameters stay gathered from its first fold until the step is done,
     # instead of being re-gathered for every fold (more memory, fewer all-gathers)
     fsdp_reshard_after_forward: bool = True
-
-    LATER_FIELDS = ("fsdp_reshard_after_forward",)
     memory_fraction: float = 0.0  # >0: cap CUDA memory per process (e.g. the note's 24 GB)
     progress: bool = True  # a progress bar
+    # A new run from a model folder's weights, model config and tokenizer (RUN, RUN/final, a
+    # step_N checkpoint, a save_pretrained folder): docs/huggingface.md
+    init_from: str = ""  # a model folder to fine-tune (fresh optimizer, new data)
+
+    LATER_FIELDS = ("fsdp_reshard_after_forward", "init_from")
 
     def __post_init__(self) -> None:
         _parse_fields(self, "train")

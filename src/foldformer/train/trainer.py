@@ -37,6 +37,10 @@ from foldformer.train.checkpoint import (
     RESUME_FILES,
     Checkpointer,
     find_resume_checkpoint,
+    init_model_config,
+    init_source,
+    init_tokenizer,
+    load_init_weights,
 )
 from foldformer.train.config import RunConfig, TrainConfig
 from foldformer.train.metrics import MetricLogger, progress_bar
@@ -124,9 +128,14 @@ class Trainer:
         random.seed(cfg.seed + self.rank)
         np.random.seed(cfg.seed + self.rank)
 
-        self.tokenizer = load_tokenizer(run.data.tokenizer)
         model_values = dict(run.model)
         self.model_type = model_values.pop("model_type", "folded")
+        if cfg.init_from:  # a fine-tune: the source's model and tokenizer, recorded in the run
+            source = init_source(cfg.init_from)
+            run.data.tokenizer = init_tokenizer(source, run.data.tokenizer)
+            model_values = init_model_config(source, self.model_type, model_values)
+            run.model = {"model_type": self.model_type, **model_values}
+        self.tokenizer = load_tokenizer(run.data.tokenizer)
         model_values.setdefault("vocab_size", self.tokenizer.vocab_size)
         if model_values["vocab_size"] < self.tokenizer.vocab_size:
             raise ConfigError(
@@ -136,6 +145,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model_spec = (self.model_type, dict(model_values))  # build_model's arguments
         model = build_model(*model_spec).to(self.device)
+        if cfg.init_from and resume is None:  # a resume reads the fine-tuned weights instead
+            load_init_weights(model, source)
+            if self.is_main:
+                print(f"initialised from {source}")
         if getattr(model.config, "attention", None) == "flex" and self.device.type == "cpu":
             raise ConfigError(
                 "attention='flex' cannot train on the CPU (torch has no CPU backward for "
