@@ -58,7 +58,9 @@ def explain_command(args: argparse.Namespace) -> int:
     records = [record.to_dict() for record in amplitudes]
     (out / "explain.json").write_text(json.dumps(records) + "\n")
     plot_amplitudes(amplitudes, out / "amplitude.png")
-    (out / "explain.html").write_text(render_html(amplitudes, text_pieces(engine.tokenizer, ids)))
+    (out / "explain.html").write_text(
+        render_html(amplitudes, text_pieces(engine.tokenizer, ids)), encoding="utf-8"
+    )
     for record in records:
         horizons = ", ".join(f"{share} within {d}" for share, d in record["horizon"].items())
         print(f"position {record['position']}: {horizons} tokens")
