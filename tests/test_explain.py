@@ -24,38 +24,41 @@ def folded(**shape) -> FoldedTransformer:
     return FoldedTransformer(FoldedConfig(**{**base, **shape})).eval()
 
 
-def uniform_attention(model: FoldedTransformer, gate_bias: float = 0.0) -> FoldedTransformer:
+def uniform_attention(model: FoldedTransformer, gate_bias=0.0) -> FoldedTransformer:
     """q = k = 0: every attention row is uniform over the positions it may see; a gate with
-    no weights is sigmoid(gate_bias) in every channel."""
+    no weights is sigmoid(gate_bias) (a number or one per channel) in every row and fold."""
     with torch.no_grad():
         for block in model.blocks:
             block.attn.qkv.weight[: 2 * model.config.d_model].zero_()
         if model.memory_gate is not None:
             model.memory_gate.linear.weight.zero_()
-            model.memory_gate.linear.bias.fill_(gate_bias)
+            model.memory_gate.linear.bias.copy_(torch.as_tensor(gate_bias))
     return model
 
 
-def reference_amplitudes(config: FoldedConfig, n_tokens: int, g: float) -> np.ndarray:
+def reference_amplitudes(config: FoldedConfig, n_tokens: int, g: np.ndarray) -> np.ndarray:
     """Uniform attention, by brute force: carry every memory row's amplitude over
-    [M0, token 0, …] for the whole history (what explain avoids) and read each position's.
+    [M0, token 0, …] for the whole history (what explain avoids), channel by channel with
+    gate values g (C,), and read each position's, averaged over the channels.
     Returns (n_tokens, 1 + n_tokens): raw amplitude of each position, column 0 = M0."""
     m, w, L = config.memory_len, config.segment_len, config.n_layers
-    memory = np.zeros((m, 1 + n_tokens))
-    memory[:, 0] = 1  # every row of M0 is M0
+    g = g[:, None, None]
+    memory = np.zeros((len(g), m, 1 + n_tokens))
+    memory[..., 0] = 1  # every row of M0 is M0
     rows = np.zeros((n_tokens, 1 + n_tokens))
     for start in range(0, n_tokens, w):
         n = min(w, n_tokens - start)
         F = m + n
         attention = np.tril(np.ones((F, F))) / np.arange(1, F + 1)[:, None]
         rollout = np.linalg.matrix_power(0.5 * np.eye(F) + 0.5 * attention, L)
-        inputs = np.zeros((F, 1 + n_tokens))  # each fold input over [M0, tokens]
-        inputs[:m] = memory
-        inputs[m + np.arange(n), 1 + start + np.arange(n)] = 1
+        inputs = np.zeros((len(g), F, 1 + n_tokens))  # each fold input over [M0, tokens]
+        inputs[:, :m] = memory
+        inputs[:, m + np.arange(n), 1 + start + np.arange(n)] = 1
         states = rollout @ inputs
-        rows[start : start + n] = states[m:]
+        rows[start : start + n] = states[:, m:].mean(0)
         if n == w and m:
-            memory = g * memory + (1 - g) * states[F - m :] if config.memory_gate else states[-m:]
+            new = states[:, F - m :]
+            memory = g * memory + (1 - g) * new if config.memory_gate else new
     return rows
 
 
@@ -78,21 +81,22 @@ def test_two_folds_of_known_attention_give_known_amplitudes():
 
 
 @pytest.mark.parametrize(
-    "shape",
+    "shape, gate",
     [
-        dict(segment_len=4, memory_len=3, memory_gate=False),
-        dict(segment_len=3, memory_len=5, memory_gate=False),  # m > w: a FIFO of final states
-        dict(segment_len=4, memory_len=2, memory_gate=True, n_layers=3),
+        (dict(segment_len=4, memory_len=3, memory_gate=False), "mean"),
+        (dict(segment_len=3, memory_len=5, memory_gate=False), "mean"),  # m > w: a FIFO
+        (dict(segment_len=4, memory_len=2, memory_gate=True, n_layers=3), "mean"),
+        (dict(segment_len=4, memory_len=2, memory_gate=True, n_layers=3), "channels"),
     ],
 )
-def test_walking_back_through_the_transfers_matches_carrying_the_whole_history(shape):
-    model = uniform_attention(folded(**shape), gate_bias=0.7)
+def test_walking_back_through_the_transfers_matches_carrying_the_whole_history(shape, gate):
+    bias = torch.linspace(-3, 3, 16)  # a gate that keeps some channels far more than others
+    model = uniform_attention(folded(**shape), gate_bias=bias)
     n_tokens = 19  # five folds, the last one partial
-    positions = list(range(n_tokens))
-    records = explain(model, torch.arange(n_tokens) % 32, positions)
-    reference = reference_amplitudes(
-        model.config, n_tokens, g=float(torch.sigmoid(torch.tensor(0.7)))
-    )
+    records = explain(model, torch.arange(n_tokens) % 32, range(n_tokens), gate=gate)
+    g = torch.sigmoid(bias).double().numpy()
+    g = g if gate == "channels" else g.mean(keepdims=True)
+    reference = reference_amplitudes(model.config, n_tokens, g)
     for record, raw in zip(records, reference, strict=True):
         tokens = raw[1 : record.position + 2]
         assert record.amplitude.numpy() == pytest.approx(tokens / tokens.sum(), abs=1e-6)
@@ -189,7 +193,7 @@ def test_explain_writes_records_plot_and_page(tiny_checkpoint, tmp_path, capsys)
     text.write_text(TEXT)
     n_tokens = len(TEXT.encode())
     code, out, err = run(capsys, tiny_checkpoint, "--text-file", text, "--positions", 5, -1,
-                         "--out", tmp_path / "out", "--heads", "keep")  # fmt: skip
+                         "--out", tmp_path / "out", "--heads", "keep", "--gate", "channels")  # fmt: skip
     assert code == 0, err
     assert "position 5:" in out and f"position {n_tokens - 1}:" in out
     records = json.loads((tmp_path / "out" / "explain.json").read_text())

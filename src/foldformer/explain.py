@@ -5,15 +5,17 @@ R = (½I + ½A_L) … (½I + ½A_1) over its m + w input positions (values and M
 is layer l's attention, averaged over heads). Row r of R is the share of path amplitude that
 output r draws from each input: a token of the segment, or a memory row. A memory row is the
 final state of one of the previous fold's positions, so its amplitude is that position's row
-one fold back; the gated model mixes the old row back in (next = g·old + (1 − g)·new per
-channel; the rollout, a scalar per row, uses the channel mean of g). What is left after the
-first fold ended in the initial memory M0.
+one fold back. The gated model mixes the old row back in, next = g·old + (1 − g)·new per
+channel: gate="mean" (the default) carries one amplitude per row with the channel mean of g;
+gate="channels" carries each channel's apart and averages them at the output (exact for the
+linear path when g differs by channel). What is left after the first fold ended in the
+initial memory M0.
 
-Constant memory per fold: each completed fold leaves one m × (m + w) transfer (how every next
-memory row draws on this fold's memory rows and tokens) and the rows of the positions being
-explained; the per-layer attention of a fold is dropped when the fold ends. The amplitude over
-every earlier token is assembled only for the explained positions, by walking back through
-the transfers: no matrix grows with the history.
+Constant memory per fold: each completed fold leaves the rollout rows of the positions it
+condenses, m × (m + w), and the gate's share g of every row ((1 or d) × m), and the rows of
+the positions being explained; the per-layer attention of a fold is dropped when the fold
+ends. The amplitude over every earlier token is assembled only for the explained positions,
+by walking back through these transfers: no matrix grows with the history.
 
 The weights are recomputed from the queries and keys the model's own attention computes (its
 rotary positions, its causal mask over memory + segment, softmax(q kᵀ/√d) as in eager
@@ -41,6 +43,10 @@ from foldformer.layers import attention_weights
 from foldformer.model import FoldedTransformer
 
 HEADS = ("mean", "keep")
+# How the gated memory's mix g·old + (1 − g)·new enters: "mean", one scalar per row (the
+# channel mean of g); "channels", each channel's amplitude carried apart and averaged at the
+# end (exact for the linear path, d times the storage).
+GATES = ("mean", "channels")
 HORIZON_SHARES = (0.5, 0.9, 0.99)
 
 
@@ -109,7 +115,9 @@ class Explainer:
     """Reads a stream, chunk by chunk, through the model's own per-segment steps and keeps
     what `amplitudes` needs for the chosen positions (absolute, 0-based)."""
 
-    def __init__(self, model: nn.Module, positions: Iterable[int], heads: str = "mean"):
+    def __init__(
+        self, model: nn.Module, positions: Iterable[int], heads: str = "mean", gate: str = "mean"
+    ):
         if not isinstance(model, FoldedTransformer):
             kind = getattr(model, "model_type", type(model).__name__)
             raise ConfigError(
@@ -119,18 +127,21 @@ class Explainer:
             )
         if heads not in HEADS:
             raise ConfigError(f"heads={heads!r} is not one of {HEADS}")
+        if gate not in GATES:
+            raise ConfigError(f"gate={gate!r} is not one of {GATES}")
         self.positions = sorted(set(positions))
         bad = [p for p in self.positions if not isinstance(p, int) or p < 0]
         if bad:
             raise ConfigError(f"positions must be integers >= 0, got {bad[0]!r}")
         self.model, self.keep_heads = model.eval(), heads == "keep"
+        self.gate_channels = gate == "channels"
         c = model.config
         self.m, self.w, self.n_layers, self.n_heads = (
             c.memory_len, c.segment_len, c.n_layers, c.n_heads,
         )  # fmt: skip
         self.state = model.initial_state(1)
         self.tokens_read = 0
-        self.transfers: list[Tensor] = []  # per completed fold: (m, m + w)
+        self.transfers: list[tuple[Tensor, Tensor]] = []  # per completed fold: see transfer
         self.rows: dict[int, Tensor] = {}  # position -> (1 or heads, m + w) rollout row
         self._new_fold()
 
@@ -180,17 +191,18 @@ class Explainer:
             v = 0.5 * v + 0.5 * v @ attention  # v (½I + ½A)
         return v
 
-    def transfer(self) -> Tensor:
-        """(m, m + w): the next memory rows as mixes of this fold's inputs."""
+    def transfer(self) -> tuple[Tensor, Tensor]:
+        """How the next memory draws on this fold's inputs: the rollout rows of the positions
+        it condenses, (m, m + w), and the share g of the old memory row kept, (1 or d, m)
+        (per channel with gate="channels"; 0 without a gate): next = g·old + (1 − g)·rows."""
         m, F = self.m, self.m + self.w
-        new = self.rollout_rows(list(range(F - m, F)), keep_heads=False)[0]  # (m, F)
+        rows = self.rollout_rows(list(range(F - m, F)), keep_heads=False)[0]  # (m, F)
         gate = self.model.memory_gate
         if gate is None or m == 0:
-            return new
+            return rows, torch.zeros(1, m, dtype=torch.float64)
         state = self.state  # the completed fold, before condense
-        g = gate.gate(state.memory, state.top[:, F - m :])[0].double().mean(-1).cpu()  # (m,)
-        old = torch.eye(m, F, dtype=torch.float64)  # row r: memory input r of this fold
-        return g[:, None] * old + (1 - g[:, None]) * new
+        g = gate.gate(state.memory, state.top[:, F - m :])[0].double().cpu().T  # (d, m)
+        return rows, g if self.gate_channels else g.mean(0, keepdim=True)
 
     def amplitudes(self) -> list[Amplitude]:
         """The amplitude of every chosen position read so far, over tokens 0 … position."""
@@ -200,20 +212,23 @@ class Explainer:
         m, w = self.m, self.w
         rows = torch.stack([self.rows[p] for p in positions])  # (P, H, m + w)
         P, H = rows.shape[:2]
+        C = self.transfers[0][1].shape[0] if self.transfers else 1  # channels carried apart
         out = torch.zeros(P, H, self.tokens_read, dtype=torch.float64)
-        memory = torch.zeros(P, H, m, dtype=torch.float64)  # amplitude on the fold's memory rows
+        memory = torch.zeros(P, H, C, m, dtype=torch.float64)  # on the fold's memory rows
         folds = [p // w for p in positions]
         for fold in reversed(range(max(folds) + 1)):
             entering = [i for i, f in enumerate(folds) if f == fold]
             if entering:
                 tokens = min(w, self.tokens_read - fold * w)
                 out[entering, :, fold * w : fold * w + tokens] = rows[entering, :, m : m + tokens]
-                memory[entering] = rows[entering, :, :m]
+                memory[entering] = rows[entering, :, None, :m]
             if fold > 0:  # memory rows of this fold = mixes of the previous fold's inputs
-                transfer = self.transfers[fold - 1]
-                out[..., (fold - 1) * w : fold * w] += memory @ transfer[:, m:]
-                memory = memory @ transfer[:, :m]
-        initial = memory.sum(-1)  # (P, H): what ended in M0
+                condensed, g = self.transfers[fold - 1]  # (m, m + w), (C, m)
+                new = memory * (1 - g)  # the share of each memory row that is new states
+                tokens = torch.einsum("phcr,rw->phw", new, condensed[:, m:]) / C
+                out[..., (fold - 1) * w : fold * w] += tokens
+                memory = memory * g + torch.einsum("phcr,rk->phck", new, condensed[:, :m])
+        initial = memory.sum(-1).mean(-1)  # (P, H): what ended in M0
         results = []
         for i, position in enumerate(positions):
             raw = out[i, :, : position + 1]
@@ -234,9 +249,10 @@ def explain(
     token_ids: Tensor | list[int],
     positions: Iterable[int],
     heads: str = "mean",
+    gate: str = "mean",
 ) -> list[Amplitude]:
     """The amplitude of each of `positions` (0-based, in the text) over the tokens before it."""
-    explainer = Explainer(model, positions, heads)
+    explainer = Explainer(model, positions, heads, gate)
     n_tokens = len(token_ids)
     late = [p for p in explainer.positions if p >= n_tokens]
     if late:

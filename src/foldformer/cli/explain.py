@@ -26,6 +26,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                              "end (default: -1, the last token)")  # fmt: skip
     parser.add_argument("--heads", choices=("mean", "keep"), default="mean",
                         help="keep: also the amplitude of each head of the last layer")  # fmt: skip
+    parser.add_argument("--gate", choices=("mean", "channels"), default="mean",
+                        help="a gated memory's mix in the rollout: its channel mean per row, or "
+                             "every channel carried apart (exact, d times the storage)")  # fmt: skip
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the outputs")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
     parser.set_defaults(handler=explain_command)
@@ -54,7 +57,7 @@ def explain_command(args: argparse.Namespace) -> int:
             f"(positions 0 … {len(ids) - 1}, or -{len(ids)} … -1 from the end)"
         )
     positions = sorted({p % len(ids) for p in args.positions})
-    amplitudes = explain(engine.model, ids, positions, heads=args.heads)
+    amplitudes = explain(engine.model, ids, positions, heads=args.heads, gate=args.gate)
     records = [record.to_dict() for record in amplitudes]
     (out / "explain.json").write_text(json.dumps(records) + "\n")
     plot_amplitudes(amplitudes, out / "amplitude.png")
