@@ -113,7 +113,8 @@ def recorded_attention(blocks: nn.ModuleList) -> Iterator[list[Tensor]]:
 
 class Explainer:
     """Reads a stream, chunk by chunk, through the model's own per-segment steps and keeps
-    what `amplitudes` needs for the chosen positions (absolute, 0-based)."""
+    what `amplitudes` needs for the chosen positions (absolute, 0-based). The model is put in
+    eval mode (dropout would make the weights random)."""
 
     def __init__(
         self, model: nn.Module, positions: Iterable[int], heads: str = "mean", gate: str = "mean"
