@@ -70,16 +70,22 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-def eager_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
-) -> Tensor:
-    """softmax(q kᵀ / √d) v written out, softmax in float32 at least: the definition."""
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ / √d) (..., N, S) under the kernels' mask convention, in float32 at least:
+    the weights every kernel applies (eager attention and foldformer.explain read them)."""
     if mask is None:
         mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=softmax_dtype)
-    weights = F.dropout(weights.to(q.dtype), dropout_p) if dropout_p else weights.to(q.dtype)
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=softmax_dtype)
+
+
+def eager_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """softmax(q kᵀ / √d) v written out, softmax in float32 at least: the definition."""
+    weights = attention_weights(q, k, mask).to(q.dtype)
+    weights = F.dropout(weights, dropout_p) if dropout_p else weights
     return weights @ v
 
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "foldformer.cli.data",
     "foldformer.cli.generate",
     "foldformer.cli.serve",
+    "foldformer.cli.explain",
 )
 
 
