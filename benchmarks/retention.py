@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", help="evaluate this trained model (a final/ folder) only")
     parser.add_argument("--eval-min-folds", type=int, default=1)
+    parser.add_argument("--distances", help="comma-separated folds to measure recall at, instead "
+                        "of the powers of two from --eval-min-folds to --eval-folds")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -145,6 +147,8 @@ def main() -> None:
     else:
         model, task = train_key_recall(args, out)
     distances = [2**i for i in range(args.eval_folds.bit_length()) if args.eval_min_folds <= 2**i]
+    if args.distances:
+        distances = [int(n) for n in args.distances.split(",")]
     samples = {n: (args.far_samples or args.samples) if n >= args.far_from else args.samples
                for n in distances}  # fmt: skip
     recall = {
