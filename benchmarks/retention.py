@@ -44,6 +44,10 @@ def train_key_recall(args: argparse.Namespace, out: Path) -> tuple[torch.nn.Modu
         "weight_decay": "0.0", "beta2": "0.999", "device": args.device,
         "gate_activation": args.gate_activation, "gate_bias": str(args.gate_bias),
         "memory_gate": str(args.gate_activation != "none").lower(),
+        # the retention levers (docs/retrieval.md "Levers"): defaults are today's model
+        "memory_len": str(args.memory_len), "memory_noise": str(args.memory_noise),
+        "memory_fifo": str(args.memory_fifo).lower(),
+        "memory_write": str(args.memory_write).lower(),
     }  # fmt: skip
     if args.gate_activation == "none":
         overrides.pop("gate_activation")
@@ -114,17 +118,25 @@ def main() -> None:
         choices=["sigmoid", "hardsigmoid", "clamp_st", "none"],
     )
     parser.add_argument("--gate_bias", type=float, default=0.0)
+    parser.add_argument("--memory_len", type=int, default=8, help="m (w = 8)")
+    parser.add_argument("--memory_noise", type=float, default=0.0)
+    parser.add_argument("--memory_fifo", action="store_true")
+    parser.add_argument("--memory_write", action="store_true")
     parser.add_argument("--max-folds", type=int, default=32)
     parser.add_argument("--eval-folds", type=int, default=1024)
     parser.add_argument("--follow-folds", type=int, default=256)
     parser.add_argument("--probe-samples", type=int, default=2048)
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--far-samples", type=int, help="samples at --far-from folds and beyond")
+    parser.add_argument("--far-from", type=int, default=2048)
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--max-steps", type=int, default=100000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", help="evaluate this trained model (a final/ folder) only")
     parser.add_argument("--eval-min-folds", type=int, default=1)
+    parser.add_argument("--distances", help="comma-separated folds to measure recall at, instead "
+                        "of the powers of two from --eval-min-folds to --eval-folds")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -135,9 +147,13 @@ def main() -> None:
     else:
         model, task = train_key_recall(args, out)
     distances = [2**i for i in range(args.eval_folds.bit_length()) if args.eval_min_folds <= 2**i]
+    if args.distances:
+        distances = [int(n) for n in args.distances.split(",")]
+    samples = {n: (args.far_samples or args.samples) if n >= args.far_from else args.samples
+               for n in distances}  # fmt: skip
     recall = {
         n: evaluate_accuracy(
-            model, task, n, n_samples=args.samples, batch_size=args.samples, device=args.device
+            model, task, n, n_samples=samples[n], batch_size=samples[n], device=args.device
         )  # fmt: skip
         for n in distances
     }
@@ -154,6 +170,7 @@ def main() -> None:
         "trained_to_folds": args.max_folds,
         "curriculum_level_reached": task.level,
         "recall": {str(n): a for n, a in recall.items()},
+        "samples": {str(n): k for n, k in samples.items()},
         "followed": followed,
         "foldformer": __version__,
         "torch": torch.__version__,

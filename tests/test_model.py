@@ -29,6 +29,10 @@ SHAPES = [
     dict(segment_len=4, memory_len=4, fold_in="norm_linear", norm="layernorm"),
     dict(segment_len=4, memory_len=4, activation="swiglu", learned_initial_memory=False),
     dict(segment_len=4, memory_len=3, memory_gate=True),
+    # the retention levers (docs/retrieval.md)
+    dict(segment_len=3, memory_len=7, memory_fifo=True, memory_gate=True),  # FIFO, held rows
+    dict(segment_len=4, memory_len=3, memory_write=True, memory_gate=True),  # write positions
+    dict(segment_len=4, memory_len=4, memory_noise=0.5),  # noise is training-only
 ]
 
 
@@ -156,17 +160,19 @@ def test_streaming_peak_memory_does_not_grow_with_length():
 
 
 @pytest.mark.parametrize(
-    "fold_in,norm,gate",
-    [("norm", "rmsnorm", None), ("norm_linear", "layernorm", None), ("norm", "rmsnorm", "sigmoid"),
-     ("norm", "rmsnorm", "hardsigmoid"), ("norm", "rmsnorm", "clamp_st")],
+    "values",
+    [dict(), dict(fold_in="norm_linear", norm="layernorm"),
+     dict(memory_gate=True, gate_activation="sigmoid"),
+     dict(memory_gate=True, gate_activation="hardsigmoid"),
+     dict(memory_gate=True, gate_activation="clamp_st"),
+     dict(memory_gate=True, gate_activation="clamp_st", memory_len=8, memory_fifo=True),
+     dict(memory_gate=True, gate_activation="clamp_st", memory_write=True)],
+    ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "plain",
 )  # fmt: skip
-def test_memory_norms_stay_bounded_over_ten_thousand_folds(fold_in, norm, gate):
+def test_memory_norms_stay_bounded_over_ten_thousand_folds(values):
     torch.manual_seed(0)
-    config = FoldedConfig(
-        vocab_size=64, d_model=32, n_layers=2, n_heads=4, segment_len=4, memory_len=4,
-        fold_in=fold_in, norm=norm, memory_gate=gate is not None,
-        gate_activation=gate or "sigmoid",
-    )  # fmt: skip
+    config = FoldedConfig(**{**dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                                    segment_len=4, memory_len=4), **values})  # fmt: skip
     model = FoldedTransformer(config).eval()
     state, norms = None, []
     gen = torch.Generator().manual_seed(0)

@@ -69,6 +69,67 @@ def test_unknown_gate_activation_is_named():
         FoldedConfig(memory_gate=True, gate_activation="tanh")
 
 
+# -- the retention levers (docs/retrieval.md "Levers") ----------------------------------------
+
+
+def test_memory_noise_is_added_at_its_relative_scale_in_training_only():
+    clean, noisy = gated("clamp_st"), gated("clamp_st", memory_noise=0.1)  # the same weights
+    ids = torch.randint(0, 64, (16, 4), generator=torch.Generator().manual_seed(3))
+    exact = clean.train()(ids).memory.memory
+    moved = noisy.train()(ids).memory.memory - exact
+    relative = moved.pow(2).mean().sqrt() / exact.pow(2).mean().sqrt()
+    assert 0.09 < relative < 0.11  # 2,048 Gaussian draws of scale 0.1 x the row RMS
+    assert torch.equal(noisy.eval()(ids).memory.memory, clean.eval()(ids).memory.memory)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_a_fifo_memory_carries_its_older_rows_unchanged(gate):
+    model = gated("clamp_st", memory_gate=gate, memory_len=12, memory_fifo=True)  # 3 blocks
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        states = [model(ids[:, :4]).memory]
+        for k in (1, 2):
+            states.append(model(ids[:, 4 * k : 4 * k + 4], states[-1]).memory)
+    first, second, third = (s.memory for s in states)
+    assert torch.equal(second[:, :8], first[:, 4:])  # the oldest block left, the rest held
+    assert torch.equal(third[:, :4], first[:, 8:])  # the first fold's block, two folds later
+    assert not torch.equal(third[:, 8:], second[:, 8:])  # the newest block entered
+
+
+def test_write_positions_write_the_memory_and_leave_the_segment_alone():
+    model = gated("clamp_st", memory_write=True)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model(ids)
+        model.write_tokens.add_(1.0)
+        after = model(ids)
+    # causal: the write positions follow the segment, so the fold's own logits do not change
+    torch.testing.assert_close(after.logits[:, :4], before.logits[:, :4], rtol=0, atol=0)
+    assert not torch.allclose(after.logits[:, 4:], before.logits[:, 4:])  # the next fold reads
+    assert not torch.allclose(after.memory.memory, before.memory.memory)  # what they wrote
+
+
+def test_levers_are_off_by_default_and_absent_from_old_configs():
+    names = ("memory_noise", "memory_fifo", "memory_write")
+    assert not set(names) & set(FoldedConfig().to_dict())  # old config.json files compare equal
+    assert "write_tokens" not in dict(gated("clamp_st").named_parameters())
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [(dict(memory_noise=-0.1), "memory_noise must be a finite number >= 0, got -0.1"),
+     (dict(memory_fifo=True), "memory_fifo needs memory_len > segment_len"),
+     (dict(memory_len=16, memory_fifo=True, memory_write=True), "exclusive"),
+     (dict(memory_len=0, memory_write=True), "memory_write needs memory_len >= 1"),
+     (dict(memory_len=16, memory_gate=True), "memory_gate needs memory_len <= segment_len")],
+)  # fmt: skip
+def test_bad_lever_values_are_named(values, message):
+    from foldformer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        FoldedConfig(**{"segment_len": 8, "memory_len": 8, **values})
+
+
 def test_a_tiny_holding_gate_recalls_four_times_beyond_its_training_distance(tmp_path):
     """Key recall (foldformer.demo) trained with the curriculum to 16 folds recalls the key at
     64 folds (4x) and mostly at 128 (8x). Measured with benchmarks/retention.py (docs/

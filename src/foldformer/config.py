@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -205,8 +206,23 @@ class FoldedConfig(TransformerConfig):
     # (docs/retrieval.md).
     gate_activation: str = "sigmoid"
     gate_bias: float = 0.0  # initial gate bias: 0 = half old, half new
+    # Retention levers (issue 13, docs/retrieval.md "Levers"), each off by default.
+    # Training only: Gaussian noise of this size relative to each row's RMS is added to the
+    # carried memory after every fold, so the read-out learns to read a memory that has moved.
+    memory_noise: float = 0.0
+    # m > w: the memory is a FIFO of the last m/w condensed blocks of w rows; each fold the
+    # newest w final states enter (gated with the previous block if memory_gate) and the oldest
+    # w rows leave, the rest carried unchanged. Off (the note's): the fold's last m final
+    # states, so memory rows are re-evolved by every fold they stay for.
+    memory_fifo: bool = False
+    # Write positions apart from read positions: m learned write tokens follow the segment in
+    # every fold, and their final states (not the segment's) become the next memory.
+    memory_write: bool = False
 
-    LATER_FIELDS = ("attention", "gate_activation", "gate_bias")
+    LATER_FIELDS = (
+        "attention", "gate_activation", "gate_bias", "memory_noise", "memory_fifo",
+        "memory_write",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -219,9 +235,29 @@ class FoldedConfig(TransformerConfig):
             f"gate_activation={self.gate_activation!r} is not one of {GATE_ACTIVATIONS}",
         )
         _check(
-            not (self.memory_gate and self.memory_len > self.segment_len),
-            f"memory_gate needs memory_len <= segment_len (the gated rows are new states), got "
+            self.memory_noise >= 0 and math.isfinite(self.memory_noise),
+            f"memory_noise must be a finite number >= 0, got {self.memory_noise!r}",
+        )
+        _check(
+            not self.memory_fifo or self.memory_len > self.segment_len,
+            f"memory_fifo needs memory_len > segment_len (a FIFO of several blocks), got "
             f"memory_len={self.memory_len}, segment_len={self.segment_len}",
+        )
+        _check(
+            not (self.memory_fifo and self.memory_write),
+            "memory_fifo and memory_write are exclusive (the write tokens fill the whole memory)",
+        )
+        _check(
+            not self.memory_write or self.memory_len > 0,
+            "memory_write needs memory_len >= 1, got memory_len=0",
+        )
+        _check(
+            not (self.memory_gate and self.memory_len > self.segment_len)
+            or self.memory_fifo
+            or self.memory_write,
+            f"memory_gate needs memory_len <= segment_len (the gated rows are new states) unless "
+            f"memory_fifo or memory_write, got memory_len={self.memory_len}, "
+            f"segment_len={self.segment_len}",
         )
 
     @property

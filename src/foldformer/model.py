@@ -161,6 +161,10 @@ class FoldedTransformer(TransformerLM):
         super().__init__(config)
         self.fold_in = FoldIn(config)
         self.memory_gate = MemoryGate(config) if config.memory_gate else None
+        # memory_write: the write positions' inputs, N(0, init_std) like token embeddings
+        self.write_tokens = None
+        if config.memory_write:
+            self.write_tokens = nn.Parameter(torch.zeros(config.memory_len, config.d_model))
         m0 = torch.zeros(config.memory_len, config.d_model)
         if config.learned_initial_memory:
             self.initial_memory = nn.Parameter(m0)
@@ -197,24 +201,35 @@ class FoldedTransformer(TransformerLM):
 
     # -- one fold: what the segment driver calls ----------------------------------------------
 
+    @property
+    def write_len(self) -> int:
+        """Write positions after the segment in every fold (memory_write: m, else 0)."""
+        return 0 if self.write_tokens is None else self.config.memory_len
+
     def chunk_context(self, x: Tensor, state: FoldState) -> tuple[Tensor, Tensor]:
-        """Every fold uses positions 0 … m+w−1: one rotary table for all the folds of a call."""
+        """Every fold uses positions 0 … m+w−1 (and the write positions after them): one rotary
+        table for all the folds of a call."""
         w, m = self.config.segment_len, self.config.memory_len
-        return self.rotary(m + min(w, state.tokens_in_segment() + x.shape[1]), x)
+        n = m + min(w, state.tokens_in_segment() + x.shape[1]) + self.write_len
+        return self.rotary(n, x)
 
     def complete_fold(self, memory: Tensor, segment: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """A whole fold in one fused causal pass: final states of the m + w positions.
+        """A whole fold in one fused causal pass: final states of the m + w positions (and of
+        the write positions after them, with memory_write).
 
         memory (B, m, d), segment (B, w, d) embeddings; cos/sin: rotary tables of the fold.
         """
-        x = torch.cat([self.fold_in(memory).to(segment.dtype), segment], dim=1)  # (B, m+w, d)
-        top, _, _ = run_stack(self.blocks, x, (cos, sin))  # one causal mask over m + w
-        return top  # (B, m + w, d) final-layer states
+        parts = [self.fold_in(memory).to(segment.dtype), segment]
+        if self.write_tokens is not None:
+            parts.append(self.write_tokens.to(segment.dtype).expand(segment.shape[0], -1, -1))
+        top, _, _ = run_stack(self.blocks, torch.cat(parts, dim=1), (cos, sin))  # one causal mask
+        return top  # (B, m + w [+ m], d) final-layer states
 
     def whole_segment(self, state: FoldState, segment: Tensor, rope) -> tuple[Tensor, FoldState]:
         fold = getattr(self, "_fold_step", self.complete_fold)  # compiled by compile_fold
-        top = fold(state.memory, segment, *rope)  # (B, m + w, d)
-        return top[:, self.config.memory_len :], self.condense(FoldState(state.memory, top=top))
+        top = fold(state.memory, segment, *rope)  # (B, m + w [+ m], d)
+        m, w = self.config.memory_len, self.config.segment_len
+        return top[:, m : m + w], self.condense(FoldState(state.memory, top=top))
 
     def partial_segment(self, state: FoldState, segment: Tensor, rope) -> tuple[Tensor, FoldState]:
         """Part of a segment (B, n, d) with the cache of the current fold: the new tokens'
@@ -230,9 +245,22 @@ class FoldedTransformer(TransformerLM):
         return new_top, FoldState(state.memory, keys, values, top)
 
     def condense(self, state: FoldState) -> FoldState:
-        """The next memory: the fold's last m final-layer states (optionally gated)."""
-        top, m = state.top, self.config.memory_len
-        new_memory = top[:, top.shape[1] - m :]  # (B, m, d)
+        """The next memory: the fold's last m final-layer states (optionally gated); with
+        memory_write the write positions' states, with memory_fifo the newest w states
+        entering a FIFO."""
+        c, top, old = self.config, state.top, state.memory
+        if self.write_tokens is not None and state.keys is not None:
+            # the fold was read chunk by chunk: its write positions read it through the cache
+            write = self.write_tokens.to(top.dtype).expand(top.shape[0], -1, -1)
+            rope = self.rotary(top.shape[1] + self.write_len, top)
+            top, _, _ = run_stack(self.blocks, write, rope, (state.keys, state.values))
+        n = c.segment_len if c.memory_fifo else c.memory_len  # rows that enter this fold
+        new_memory = top[:, top.shape[1] - n :]  # (B, n, d)
         if self.memory_gate is not None:
-            new_memory = self.memory_gate(state.memory, new_memory)
+            new_memory = self.memory_gate(old[:, old.shape[1] - n :], new_memory)
+        if n < c.memory_len:  # FIFO: the oldest n rows leave, the others are kept as they are
+            new_memory = torch.cat([old[:, n:].to(new_memory.dtype), new_memory], dim=1)
+        if self.training and c.memory_noise:
+            rms = new_memory.pow(2).mean(dim=-1, keepdim=True).sqrt()
+            new_memory = new_memory + c.memory_noise * rms * torch.randn_like(new_memory)
         return FoldState(memory=new_memory)

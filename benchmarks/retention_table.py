@@ -1,0 +1,47 @@
+"""The levers ablation table of docs/retrieval.md from benchmarks/retention.py records.
+
+    python benchmarks/retention_table.py benchmarks/results/cpu_retention/levers
+
+Reads DIR/<cell>_s<seed>/retention*.json (a training run's record, or records of `--model`
+evaluations of its model, merged) and train_summary.json, and prints one markdown row per cell:
+recall by distance as "seed 0 / seed 1" ("–": not measured), with the steps trained and the
+curriculum level reached.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+FOLDS = (1, 32, 128, 1024, 4096, 32768)
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def main(directory: str) -> None:
+    runs: dict[str, dict[int, dict]] = defaultdict(dict)
+    for summary_path in sorted(Path(directory).glob("*_s*/train_summary.json")):
+        cell, seed = summary_path.parent.name.rsplit("_s", 1)
+        records = [json.loads(p.read_text()) for p in summary_path.parent.glob("retention*.json")]
+        recall = {n: a for record in records for n, a in record["recall"].items()}
+        summary = json.loads(summary_path.read_text())
+        runs[cell][int(seed)] = {"recall": recall, "summary": summary}
+        trained = records[0]["trained_to_folds"]
+    heads = [f"{n:,} ({n // trained}×)" if n >= trained else f"{n} (1/{trained // n}×)"
+             for n in FOLDS]  # fmt: skip
+    print("| cell | " + " | ".join(heads) + " | steps | level |")
+    print("|" + " --- |" * (len(FOLDS) + 3))
+    for cell, seeds in runs.items():
+        ordered = [seeds[s] for s in sorted(seeds)]
+        recall = [" / ".join(percent(r["recall"].get(str(n))) for r in ordered) for n in FOLDS]
+        steps = " / ".join(str(r["summary"]["steps"]) for r in ordered)
+        level = " / ".join(str(r["summary"]["curriculum_level"]) for r in ordered)
+        print(f"| {cell} | " + " | ".join(recall) + f" | {steps} | {level} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
