@@ -28,3 +28,49 @@ def tiny_checkpoint(tmp_path_factory):
     build_model("folded", shape).save_pretrained(directory)
     ByteTokenizer().save(directory)
     return directory
+
+
+# -- invariant checks shared by the model families' tests ----------------------------------------
+
+
+def assert_streams_like_one_call(model, ids: torch.Tensor) -> None:
+    """DESIGN.md §3 invariant 1 on a model in eval mode: chunks of any sizes, token by
+    token steps, and batch rows split mid-segment and joined in another order all give the
+    logits of one call."""
+    with torch.no_grad():
+        whole = model(ids)
+        for sizes in ([5, 1, 6, 7], [3, 3, 3, 3, 3, 4], [8, 11]):
+            memory, logits = None, []
+            for chunk in ids.split(sizes, dim=1):
+                out = model(chunk, memory)
+                memory, logits = out.memory, logits + [out.logits]
+            torch.testing.assert_close(torch.cat(logits, 1), whole.logits, rtol=0, atol=1e-10)
+        memory, steps = None, []
+        for t in range(ids.shape[1]):
+            out = model.step(ids[:, t], memory)
+            memory, steps = out.memory, steps + [out.logits]
+        torch.testing.assert_close(torch.stack(steps, 1), whole.logits, rtol=0, atol=1e-10)
+        # rows split mid-segment and joined in another order continue the same streams
+        first = model(ids[:, :6]).memory
+        joined = model.state_class.concat([first.index([2]), first.index([0, 1])])
+        rest = model(ids[[2, 0, 1], 6:], joined).logits
+        torch.testing.assert_close(rest, whole.logits[[2, 0, 1], 6:], rtol=0, atol=1e-10)
+
+
+def embedding_grads(model, ids: torch.Tensor, bptt: int = 0) -> torch.Tensor:
+    """Per-segment gradient norm of the last segment's loss w.r.t. the token embeddings."""
+    embed = model.embed if hasattr(model, "embed") else model.net.token_emb  # peers: net.token_emb
+    outputs = []
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        outputs.append(output)
+
+    handle = embed.register_forward_hook(keep)
+    w = model.config.segment_len
+    labels = torch.full_like(ids, -100)
+    labels[:, -w:] = ids[:, -w:]
+    model(ids, labels=labels, bptt=bptt).loss.backward()
+    handle.remove()
+    grad = torch.cat([o.grad for o in outputs], dim=1)  # (B, T, d): one call or one a segment
+    return torch.linalg.vector_norm(grad.view(ids.shape[0], -1, w, grad.shape[-1]), dim=(0, 2, 3))

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 import foldformer
+from conftest import assert_streams_like_one_call, embedding_grads
 from foldformer.cli import console
 from foldformer.config import ConfigError
 from foldformer.models import build_model, load_model
@@ -48,23 +49,7 @@ def make(family: str, wrap: str, memory_len: int = 3, segment_len: int = 4):
 def test_chunks_tokens_and_batch_composition_give_one_calls_logits(family, wrap):
     model = make(family, wrap).double().eval()
     ids = torch.randint(0, V, (3, 19), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        whole = model(ids)
-        for sizes in ([5, 1, 6, 7], [3, 3, 3, 3, 3, 4], [8, 11]):
-            memory, logits = None, []
-            for chunk in ids.split(sizes, dim=1):
-                out = model(chunk, memory)
-                memory, logits = out.memory, logits + [out.logits]
-            torch.testing.assert_close(torch.cat(logits, 1), whole.logits, rtol=0, atol=1e-10)
-        memory, steps = None, []
-        for t in range(ids.shape[1]):
-            out = model.step(ids[:, t], memory)
-            memory, steps = out.memory, steps + [out.logits]
-        torch.testing.assert_close(torch.stack(steps, 1), whole.logits, rtol=0, atol=1e-10)
-        first = model(ids[:, :6]).memory  # rows split mid-segment, joined in another order
-        joined = model.state_class.concat([first.index([2]), first.index([0, 1])])
-        rest = model(ids[[2, 0, 1], 6:], joined).logits
-        torch.testing.assert_close(rest, whole.logits[[2, 0, 1], 6:], rtol=0, atol=1e-10)
+    assert_streams_like_one_call(model, ids)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -115,33 +100,15 @@ def test_memory_stays_finite_and_of_constant_size_over_many_folds(family, wrap):
 # -- invariant 4: gradient through folds --------------------------------------------------------
 
 
-def segment_grads(model, ids: torch.Tensor, bptt: int) -> torch.Tensor:
-    """Per-segment gradient norm of the last segment's loss w.r.t. the token embeddings."""
-    outputs = []
-
-    def keep(_module, _inputs, output):
-        output.retain_grad()
-        outputs.append(output)
-
-    handle = model.embed.register_forward_hook(keep)
-    w = model.config.segment_len
-    labels = torch.full_like(ids, -100)
-    labels[:, -w:] = ids[:, -w:]
-    model(ids, labels=labels, bptt=bptt).loss.backward()
-    handle.remove()
-    grad = torch.cat([o.grad for o in outputs], dim=1)
-    return torch.linalg.vector_norm(grad.view(ids.shape[0], -1, w, grad.shape[-1]), dim=(0, 2, 3))
-
-
 @pytest.mark.parametrize(("family", "wrap"), CASES)
 def test_gradient_reaches_the_first_fold_and_bptt_truncates_it(family, wrap):
     model = make(family, wrap).double().train()
     ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(0))  # 6 folds
-    full = segment_grads(model, ids, bptt=0)
+    full = embedding_grads(model, ids, bptt=0)
     assert (full > 0).all(), full
     assert model.initial_memory.grad.abs().sum() > 0  # M0 learns
     model.zero_grad()
-    truncated = segment_grads(model, ids, bptt=2)  # detached after folds 2 and 4
+    truncated = embedding_grads(model, ids, bptt=2)  # detached after folds 2 and 4
     assert (truncated[:4] == 0).all() and (truncated[4:] > 0).all(), truncated
 
 

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+from conftest import embedding_grads
 from foldformer import ConfigError, FoldedConfig, FoldedTransformer, FoldState
 
 
@@ -187,23 +188,6 @@ def test_memory_norms_stay_bounded_over_ten_thousand_folds(values):
 
 
 # -- 4. gradient through folds -----------------------------------------------------------------
-
-
-def embedding_grads(model: FoldedTransformer, ids: torch.Tensor, bptt: int) -> torch.Tensor:
-    """Per-fold gradient norm of the last fold's loss w.r.t. the token embeddings."""
-    captured = {}
-
-    def keep(_module, _inputs, output):
-        output.retain_grad()
-        captured["emb"] = output
-
-    handle = model.embed.register_forward_hook(keep)
-    labels = torch.full_like(ids, -100)
-    labels[:, -4:] = ids[:, -4:]  # only the last fold is scored
-    model(ids, labels=labels, bptt=bptt).loss.backward()
-    handle.remove()
-    grad = captured["emb"].grad  # (B, T, d)
-    return torch.linalg.vector_norm(grad.view(ids.shape[0], -1, 4, grad.shape[-1]), dim=(0, 2, 3))
 
 
 def test_full_bptt_reaches_the_first_fold():

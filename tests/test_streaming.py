@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_streams_like_one_call, embedding_grads
 from foldformer.config import ConfigError, FoldedConfig
 from foldformer.models import build_model, load_model
 from foldformer.variants.peers import PEERS, peer_available
@@ -81,24 +82,7 @@ def test_checkpoints_written_before_the_driver_load(name, saved):
 def test_chunks_tokens_and_batch_composition_give_one_calls_logits(name):
     model = make(name).eval()
     ids = torch.randint(0, 32, (3, 19), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        whole = model(ids)
-        for sizes in ([5, 1, 6, 7], [3, 3, 3, 3, 3, 4], [8, 11]):
-            memory, logits = None, []
-            for chunk in ids.split(sizes, dim=1):
-                out = model(chunk, memory)
-                memory, logits = out.memory, logits + [out.logits]
-            torch.testing.assert_close(torch.cat(logits, 1), whole.logits, rtol=0, atol=1e-10)
-        memory, steps = None, []
-        for t in range(ids.shape[1]):
-            out = model.step(ids[:, t], memory)
-            memory, steps = out.memory, steps + [out.logits]
-        torch.testing.assert_close(torch.stack(steps, 1), whole.logits, rtol=0, atol=1e-10)
-        # rows split mid-segment and joined in another order continue the same streams
-        first = model(ids[:, :6]).memory
-        joined = model.state_class.concat([first.index([2]), first.index([0, 1])])
-        rest = model(ids[[2, 0, 1], 6:], joined).logits
-        torch.testing.assert_close(rest, whole.logits[[2, 0, 1], 6:], rtol=0, atol=1e-10)
+    assert_streams_like_one_call(model, ids)
 
 
 # -- invariant 3: bounded memory state over 10^4 folds ------------------------------------------
@@ -128,34 +112,15 @@ def test_state_stays_finite_and_of_constant_size_over_many_folds(name):
 # -- invariant 4: gradient through folds, and its truncation -----------------------------------
 
 
-def segment_grads(model, ids: torch.Tensor, bptt: int) -> torch.Tensor:
-    """Per-segment gradient norm of the last segment's loss w.r.t. the token embeddings."""
-    embed = model.embed if hasattr(model, "embed") else model.net.token_emb
-    outputs = []
-
-    def keep(_module, _inputs, output):
-        output.retain_grad()
-        outputs.append(output)
-
-    handle = embed.register_forward_hook(keep)
-    w = model.config.segment_len
-    labels = torch.full_like(ids, -100)
-    labels[:, -w:] = ids[:, -w:]
-    model(ids, labels=labels, bptt=bptt).loss.backward()
-    handle.remove()
-    grad = torch.cat([o.grad for o in outputs], dim=1)  # (B, T, d): one call or one a segment
-    return torch.linalg.vector_norm(grad.view(ids.shape[0], -1, w, grad.shape[-1]), dim=(0, 2, 3))
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gradient_crosses_folds_as_the_design_says_and_bptt_truncates_it(name):
     model = make(name).train()
     ids = torch.randint(0, 32, (2, 24), generator=torch.Generator().manual_seed(0))  # 6 folds
-    full = segment_grads(model, ids, bptt=0)
+    full = embedding_grads(model, ids, bptt=0)
     assert full[-1] > 0
     if name in CARRIES_GRADIENT:
         assert (full > 0).all(), full
-        truncated = segment_grads(model, ids, bptt=2)  # detached after folds 2 and 4
+        truncated = embedding_grads(model, ids, bptt=2)  # detached after folds 2 and 4
         assert (truncated[:4] == 0).all() and (truncated[4:] > 0).all(), truncated
     else:  # XL caches and windows: a stopped gradient or a bounded reach
         assert (full[:2] == 0).all(), full

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import embedding_grads
 from foldformer.model import apply_rotary, rotary_tables
 from foldformer.models import build_model, load_model
 
@@ -137,24 +138,6 @@ def test_reset_restarts_a_row_like_a_fresh_stream(model_type):
     torch.testing.assert_close(out.logits[0, 8:], alone[0], rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="boundary"):
         model(fresh[:, :3], model(history[:, :6]).memory, reset_mask=torch.tensor([True, False]))
-
-
-def embedding_grads(model, ids, bptt=0):
-    """Per-segment gradient norm of the last segment's loss w.r.t. the token embeddings."""
-    captured = {}
-
-    def keep(_module, _inputs, output):
-        output.retain_grad()
-        captured["emb"] = output
-
-    handle = model.embed.register_forward_hook(keep)
-    w = model.config.segment_len
-    labels = torch.full_like(ids, -100)
-    labels[:, -w:] = ids[:, -w:]
-    model(ids, labels=labels, bptt=bptt).loss.backward()
-    handle.remove()
-    grad = captured["emb"].grad
-    return torch.linalg.vector_norm(grad.view(ids.shape[0], -1, w, grad.shape[-1]), dim=(0, 2, 3))
 
 
 def test_transformer_xl_gradient_stops_at_the_previous_segment():
