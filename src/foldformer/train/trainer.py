@@ -443,7 +443,14 @@ def train(
 ) -> dict[str, Any]:
     """Train a model as `run` says; returns a summary (final losses, tokens, time). See
     `Trainer` for the arguments."""
-    return Trainer(run, out_dir, resume, batch_source, allow_config_change).train()
+    owns_group = not dist.is_initialized()  # a group the caller made stays the caller's
+    try:
+        return Trainer(run, out_dir, resume, batch_source, allow_config_change).train()
+    finally:
+        # Left to the interpreter's exit, gloo's threads now and then abort the process
+        # ("terminate called without an active exception") after a finished run.
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @torch.no_grad()
