@@ -2,7 +2,7 @@
 answer a question from a saved context state against re-reading the text.
 
     PYTHONPATH=src python benchmarks/ingest.py --out benchmarks/results/cpu_serve/ingest.json
-        [--device cpu|cuda] [--lengths 1K,4K,...,10M] [--budget SECONDS] [--compile]
+        [--device cpu|cuda] [--lengths 1K,4K,...,10M] [--budget SECONDS] [--compile] [--cuda-graph]
         [--checkpoint DIR | --d-model 128 --n-layers 2 --window 64 --memory 64]
         [--book 64K] [--answer-tokens 32]
 
@@ -31,7 +31,7 @@ import torch
 from foldformer.data.tokenizers import ByteTokenizer
 from foldformer.evaluate.common import parse_list, parse_size
 from foldformer.evaluate.memory import PeakMemory
-from foldformer.generate import Engine, SamplingConfig
+from foldformer.generate import Engine, SamplingConfig, default_chunk_size
 from foldformer.models import build_model
 
 LENGTHS = "1K,4K,16K,64K,256K,1M,4M,10M"
@@ -44,7 +44,8 @@ def sync(device: torch.device) -> None:
 
 def make_engine(args, device: torch.device) -> Engine:
     if args.checkpoint:
-        return Engine.load(args.checkpoint, device=device, compile=args.compile)
+        return Engine.load(args.checkpoint, device=device, compile=args.compile,
+                           cuda_graph=args.cuda_graph)  # fmt: skip
     torch.manual_seed(0)
     shape = dict(vocab_size=257, d_model=args.d_model, n_layers=args.n_layers,
                  n_heads=max(1, args.d_model // 64), segment_len=args.window,
@@ -52,7 +53,7 @@ def make_engine(args, device: torch.device) -> Engine:
     model = build_model("folded", shape).to(device)
     if args.compile:
         model.compile_fold()
-    return Engine(model, ByteTokenizer())
+    return Engine(model, ByteTokenizer(), cuda_graph=args.cuda_graph)
 
 
 def time_read(engine: Engine, ids: torch.Tensor) -> tuple[float, PeakMemory]:
@@ -78,6 +79,8 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--memory", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="torch.compile the fold step")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay CUDA graphs of whole chunks of folds (Engine's option)")  # fmt: skip
     parser.add_argument("--book", default="64K", help="tokens of the book test")
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -98,6 +101,7 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "model": {"model_type": engine.model.model_type, **engine.model.config.to_dict()},
         "compile": args.compile,
+        "cuda_graph": args.cuda_graph,
         "lengths": [],
     }
     out = Path(args.out)
@@ -106,7 +110,9 @@ def main() -> int:
     def write() -> None:
         out.write_text(json.dumps(record, indent=2) + "\n")
 
-    engine.read(torch.randint(0, vocab, (2 * engine.model.config.segment_len,)).tolist())  # warm
+    # warm-up: two chunks (and so, with --cuda-graph, the graph's capture)
+    warm = 2 * (engine.chunk_size or default_chunk_size(engine.model))
+    engine.read(torch.randint(0, vocab, (warm,)).tolist())
     started, rate = time.perf_counter(), None
     for length in parse_list(args.lengths):
         row = {"tokens": length}

@@ -284,3 +284,43 @@ def test_peers_generate_in_batches_and_resume_from_a_saved_state(model_type, tmp
     with torch.no_grad():
         assert torch.equal(model(rest, memory=first.memory).logits,
                            model(rest, memory=loaded.memory).logits)  # fmt: skip
+
+
+def test_cuda_graph_option_reads_like_eager_on_a_cpu():
+    """On a CPU the option is ignored: the same state, bit for bit, and nothing captured."""
+    engine = make_engine()
+    graphed = Engine(engine.model, ByteTokenizer(), chunk_size=8, cuda_graph=True)
+    text = "It was the best of times, it was the worst of times. " * 3
+    plain = engine.read(text[60:], engine.read(text[:60]))
+    other = graphed.read(text[60:], graphed.read(text[:60]))
+    assert plain.tokens == other.tokens and plain.last_token == other.last_token
+    for name, tensor in plain.memory.state_dict().items():
+        assert torch.equal(other.memory.state_dict()[name], tensor), name
+    assert graphed._graphs == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_engine_reads_like_eager_and_captures_once():
+    """Reads continued mid-fold realign to whole folds and replay the one captured graph: the
+    state and the greedy answer are those of eager reading."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=257, d_model=64, n_layers=2, n_heads=2, segment_len=8, memory_len=8)
+    model = build_model("folded", shape).cuda().eval()
+    eager = Engine(model, ByteTokenizer(), chunk_size=64)
+    graphed = Engine(model, ByteTokenizer(), chunk_size=64, cuda_graph=True)
+    ids = torch.randint(0, 256, (2000,)).tolist()
+    states = []
+    for engine in (eager, graphed):
+        context = None
+        for start, end in ((0, 501), (501, 1203), (1203, 2000)):  # stops mid-fold each time
+            context = engine.read(ids[start:end], context)
+        states.append(context)
+    assert len(graphed._graphs) == 1
+    for name, tensor in states[0].memory.state_dict().items():
+        torch.testing.assert_close(states[1].memory.state_dict()[name], tensor)
+    config = SamplingConfig(max_new_tokens=16, temperature=0.0, stop_at_eod=False)
+    engines = (eager, graphed)
+    answers = [
+        e.complete(["?"], [s], config)[0].token_ids for e, s in zip(engines, states, strict=True)
+    ]
+    assert answers[0] == answers[1]

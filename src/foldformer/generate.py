@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ def ingest(
     chunk_size: int | None = None,
     progress: bool = False,
     cuda_graph: bool = False,
+    graphs: dict | None = None,
 ):
     """Read a context into the model's streaming state without keeping any logits.
 
@@ -88,7 +90,8 @@ def ingest(
     An empty context returns `memory` unchanged.
     cuda_graph: on a GPU, replay one captured CUDA graph per chunk of whole folds instead of
     launching every kernel of every fold from Python (`ChunkGraph`); the same kernels, so the
-    same state. Ignored on a CPU.
+    same state. Ignored on a CPU. graphs: a dict that keeps captured graphs from call to call
+    (one per batch size and state layout), so a caller reading many contexts captures once.
     """
     # The context stays where it is (a CPU tensor for a long one): only one chunk at a time
     # moves to the model's device, so device memory does not grow with the context.
@@ -98,12 +101,19 @@ def ingest(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     T = ids.shape[1]
+    if T == 0:
+        return memory
     bar = tqdm(total=T, unit="tok", unit_scale=True, desc="ingest", disable=not progress)
-    graph = None
-    for start in range(0, T, chunk_size):
-        chunk = ids[:, start : start + chunk_size].to(device=device, dtype=torch.long)
+    cuda_graph = cuda_graph and device.type == "cuda" and hasattr(model, "read")
+    graph, starts = None, range(0, T, chunk_size)
+    if cuda_graph and memory is not None and memory.tokens_in_segment():
+        # a stream stopped mid-fold reads to the fold's end first, so the chunks after it are
+        # whole folds a graph can replay
+        starts = [0, *range(chunk_size - memory.tokens_in_segment(), T, chunk_size)]
+    for start, end in zip(starts, [*starts[1:], T], strict=True):
+        chunk = ids[:, start:end].to(device=device, dtype=torch.long)
         if graph is None and cuda_graph and ChunkGraph.applies(model, chunk, memory, chunk_size):
-            graph = ChunkGraph(model, chunk, memory)
+            graph = ChunkGraph.reuse(graphs, model, chunk, memory)
         if graph is not None and chunk.shape[1] == chunk_size:
             memory = graph(chunk)
         else:
@@ -137,6 +147,21 @@ class ChunkGraph:
             and (memory is None or memory.tokens_in_segment() == 0)
         )
 
+    @classmethod
+    def reuse(cls, graphs: dict | None, model: nn.Module, chunk: Tensor, memory) -> ChunkGraph:
+        """The graph in `graphs` for this chunk's shape and the state's layout, set to start
+        from `memory`; a new one (kept in `graphs`) if there is none."""
+        if graphs is None:
+            return cls(model, chunk, memory)
+        state = memory if memory is not None else model.initial_state(chunk.shape[0])
+        tensors = state.state_dict()
+        key = (tuple(chunk.shape), *((k, tuple(t.shape), t.dtype) for k, t in tensors.items()))
+        if key not in graphs:
+            graphs[key] = cls(model, chunk, memory)
+        else:
+            graphs[key]._load(tensors)
+        return graphs[key]
+
     def __init__(self, model: nn.Module, chunk: Tensor, memory):
         self.model = model
         state = memory if memory is not None else model.initial_state(chunk.shape[0])
@@ -152,7 +177,8 @@ class ChunkGraph:
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a server's other threads may use the GPU while this one captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._step()
         self._load(self.start)
 
@@ -464,17 +490,20 @@ def read_context(
     context: ContextState | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    cuda_graph: bool = False,
+    graphs: dict | None = None,
 ) -> ContextState:
-    """Continue `context` (None: a fresh stream) with token_ids (T,); constant memory."""
+    """Continue `context` (None: a fresh stream) with token_ids (T,); constant memory (the ids
+    stay where they are; `ingest` moves one chunk at a time). cuda_graph, graphs: `ingest`'s."""
     context = context or ContextState()
-    ids = _as_batch(token_ids, _device(model), "token_ids")
+    ids = _as_batch(token_ids, None, "token_ids").long()
     if ids.shape[0] != 1:
         raise ValueError(f"read_context reads one stream, got {ids.shape[0]} rows")
     if ids.shape[1] == 0:
         return context
     if context.last_token is not None:
         ids = torch.cat([ids.new_tensor([[context.last_token]]), ids], dim=1)
-    memory = ingest(model, ids[:, :-1], context.memory, chunk_size, progress)
+    memory = ingest(model, ids[:, :-1], context.memory, chunk_size, progress, cuda_graph, graphs)
     added = ids.shape[1] - (context.last_token is not None)
     return ContextState(memory, int(ids[0, -1]), context.tokens + added)
 
@@ -654,19 +683,32 @@ class Engine:
     engine.save_state("book.state", book)
     """
 
-    def __init__(self, model: nn.Module, tokenizer, chunk_size: int | None = None):
+    def __init__(
+        self, model: nn.Module, tokenizer, chunk_size: int | None = None, cuda_graph: bool = False
+    ):
+        """cuda_graph: on a GPU, read contexts by replaying captured CUDA graphs of whole chunks
+        of folds (`ingest`'s option; the same state, many times faster for a small model);
+        captured once per batch size and kept, and used by one read at a time."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.chunk_size = chunk_size
+        self.cuda_graph = cuda_graph
+        self._graphs: dict = {}
+        self._graph_lock = threading.Lock()  # a graph's buffers serve one stream at a time
         self.model_hash = model_fingerprint(model)
         self.tokenizer_hash = tokenizer_fingerprint(tokenizer)
 
     @classmethod
     def load(
-        cls, checkpoint: str | Path, device: str | torch.device = "cpu", compile: bool = False
+        cls,
+        checkpoint: str | Path,
+        device: str | torch.device = "cpu",
+        compile: bool = False,
+        cuda_graph: bool = False,
     ) -> Engine:
         """A model directory (config.json, model.safetensors, tokenizer files), or a training
         run's folder (its `final` model is used). compile: torch.compile the whole-fold step, the hot
-        path of ingestion, where the model has one (worth it on a GPU)."""
+        path of ingestion, where the model has one (worth it on a GPU). cuda_graph: see
+        `Engine`."""
         from foldformer.data.tokenizers import load_tokenizer
         from foldformer.models import load_model
 
@@ -676,7 +718,7 @@ class Engine:
         model = load_model(checkpoint, device=device)
         if compile and hasattr(model, "compile_fold"):
             model.compile_fold()
-        return cls(model, load_tokenizer(checkpoint))
+        return cls(model, load_tokenizer(checkpoint), cuda_graph=cuda_graph)
 
     @property
     def device(self) -> torch.device:
@@ -687,7 +729,11 @@ class Engine:
     ) -> ContextState:
         """Continue `context` (None: a fresh stream) with text (or token ids)."""
         ids = self.tokenizer.encode(text) if isinstance(text, str) else text
-        return read_context(self.model, ids, context, self.chunk_size, progress)
+        if not (self.cuda_graph and self.device.type == "cuda"):
+            return read_context(self.model, ids, context, self.chunk_size, progress)
+        with self._graph_lock:
+            return read_context(self.model, ids, context, self.chunk_size, progress, True,
+                                self._graphs)  # fmt: skip
 
     def state_bytes(self, context: ContextState) -> bytes:
         return state_to_bytes(context, self.model_hash, self.tokenizer_hash, self.model)

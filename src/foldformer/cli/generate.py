@@ -39,6 +39,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the fold step (long contexts on a GPU)")  # fmt: skip
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="on a GPU, read contexts by replaying CUDA graphs of whole chunks "
+                        "of folds: the same state, faster for small models")  # fmt: skip
     parser.set_defaults(handler=_run)
 
 
@@ -80,7 +83,8 @@ def generate_command(args: argparse.Namespace) -> int:
     from foldformer.evaluate.common import resolve_device
 
     device = resolve_device(args.device)  # a device this machine lacks: one line, not a crash
-    engine = Engine.load(args.checkpoint, device=device, compile=args.compile)
+    engine = Engine.load(args.checkpoint, device=device, compile=args.compile,
+                         cuda_graph=args.cuda_graph)  # fmt: skip
     context = None if args.state_in is None else engine.load_state(args.state_in)
     for text in contexts:
         ids = engine.tokenizer.encode(text)
