@@ -289,6 +289,7 @@ def test_peers_generate_in_batches_and_resume_from_a_saved_state(model_type, tmp
 def test_cuda_graph_option_reads_like_eager_on_a_cpu():
     """On a CPU the option is ignored: the same state, bit for bit, and nothing captured."""
     engine = make_engine()
+    engine.chunk_size = 8
     graphed = Engine(engine.model, ByteTokenizer(), chunk_size=8, cuda_graph=True)
     text = "It was the best of times, it was the worst of times. " * 3
     plain = engine.read(text[60:], engine.read(text[:60]))
