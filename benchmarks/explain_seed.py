@@ -36,7 +36,7 @@ from foldformer.evaluate.common import load_checkpoint, new_figure, resolve_devi
 from foldformer.evaluate.ecl import WINDOW, select_targets
 from foldformer.evaluate.records import code_version, hardware, model_config
 from foldformer.evaluate.suite import HeldOutDocuments
-from foldformer.explain import HORIZON_SHARES, Amplitude, Explainer
+from foldformer.explain import GATES, HORIZON_SHARES, Amplitude, Explainer
 
 
 def bin_edges(grid: list[int], context: int) -> list[int]:
@@ -255,6 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "report":
         report(Path(args.out), [Path(p) for p in args.parts], args.commands)
         return
+    if args.gate not in GATES:
+        parser.error(f"--gate {args.gate!r} is not one of {GATES}")
+    if args.context < 1 or not all(0 <= j < WINDOW for j in args.offsets):
+        parser.error(f"--context must be >= 1 and --offsets in 0..{WINDOW - 1}")
     part = measure_part(args)
     Path(args.out).write_text(json.dumps(part) + "\n")
     explained = part["explain"]

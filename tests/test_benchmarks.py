@@ -262,9 +262,10 @@ def test_seed_step_picks_rows_and_names_a_wrong_pick(monkeypatch, tmp_path, caps
     assert "--pick [3]: --rows modes has rows 0 to 2" in capsys.readouterr().err
 
 
-def test_explain_seed_bins_amplitude_on_the_ecl_grid():
+def test_explain_seed_bins_amplitude_on_the_ecl_grid(capsys):
     """benchmarks/explain_seed.py: a position's amplitude split into its window's tokens and
-    the bins (low, high] of tokens back from the window start, a short context filling fewer."""
+    the bins (low, high] of tokens back from the window start, a short context filling fewer;
+    a bad --gate or offset is one line naming it."""
     from foldformer.explain import Amplitude
 
     explain_seed = load("explain_seed")
@@ -280,6 +281,12 @@ def test_explain_seed_bins_amplitude_on_the_ecl_grid():
     bins = explain_seed.amplitude_bins(record, 7, edges)
     assert bins == pytest.approx([4 / 11, 2 / 11, 2 / 11, 3 / 11])
     assert explain_seed.share_beyond(bins) == pytest.approx([7 / 11, 5 / 11, 3 / 11])
+    measure = ["measure", "CKPT", "--name", "m", "--data", "D", "--ecl", "E", "--out", "O"]
+    for bad, message in ((["--gate", "max"], "--gate 'max' is not one of"),
+                         (["--offsets", "64"], "--offsets in 0..63")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            explain_seed.main(measure + bad)
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("one_thread")
