@@ -8,18 +8,22 @@
 # no-memory baseline, --segment_len 1000000000 --memory_len 0 for full attention).
 # PG points at pg.tar.xz (default .carry/pg.tar.xz, where the device copy lives); ECL_MAX is
 # the largest ECL distance (default 3072 tokens) and ECL_UNIT its grid unit (default 12, the
-# seed preset's w, for every model alike: grid 0, 12, 24, 48, ..., ECL_MAX).
+# seed preset's w, for every model alike: grid 0, 12, 24, 48, ..., ECL_MAX), ECL_TARGETS its
+# target windows (default 512). The model is saved under RUNS/NAME (default /tmp/runs), tokens
+# are cached in TOKEN_CACHE (default /tmp/token_cache).
 set -uo pipefail
 results=$1 name=$2 minutes=$3
 shift 3
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-pg=${PG:-.carry/pg.tar.xz}
-mkdir -p "$results/$name" /tmp/runs
+pg=${PG:-.carry/pg.tar.xz} runs=${RUNS:-/tmp/runs} cache=${TOKEN_CACHE:-/tmp/token_cache}
+mkdir -p "$results/$name" "$runs"
 python3 -m foldformer.cli train --preset seed --data "$pg?split=train" \
-  --val-data "$pg?split=validation" --out "/tmp/runs/$name" --max-minutes "$minutes" \
+  --val-data "$pg?split=validation" --out "$runs/$name" --max-minutes "$minutes" \
   --memory_fraction 0.17 --progress false --log_every 10 --eval_every 250 --eval_batches 4 \
-  --save_every 0 --cache_dir /tmp/token_cache "$@" 2>&1 | tee "$results/$name/train.log"
-cp "/tmp/runs/$name/metrics.jsonl" "/tmp/runs/$name/summary.json" \
-  "/tmp/runs/$name/run_config.json" "$results/$name/" 2>/dev/null
-python3 -m foldformer.cli eval ecl "/tmp/runs/$name/final" --data "$pg?split=validation" \
-  --targets 512 --max-distance "${ECL_MAX:-3072}" --unit "${ECL_UNIT:-12}" --batch-size 256 --control --out "$results/$name" 2>&1 | tee "$results/$name/ecl.log"
+  --save_every 0 --cache_dir "$cache" "$@" 2>&1 | tee "$results/$name/train.log"
+cp "$runs/$name/metrics.jsonl" "$runs/$name/summary.json" \
+  "$runs/$name/run_config.json" "$results/$name/" 2>/dev/null
+python3 -m foldformer.cli eval ecl "$runs/$name/final" --data "$pg?split=validation" \
+  --cache-dir "$cache" --targets "${ECL_TARGETS:-512}" --max-distance "${ECL_MAX:-3072}" \
+  --unit "${ECL_UNIT:-12}" --batch-size 256 --control --out "$results/$name" 2>&1 |
+  tee "$results/$name/ecl.log"

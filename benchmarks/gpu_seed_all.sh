@@ -28,14 +28,14 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1 ECL_MAX=${ECL_MAX:-6144}
 pg=${PG:-.carry/pg.tar.xz}
 mkdir -p "$results"
 # Read the corpus once (the three runs share the token cache).
-python3 - "$pg" <<'PY'
+python3 - "$pg" "${TOKEN_CACHE:-/tmp/token_cache}" <<'PY'
 import sys
 from foldformer.data.cache import tokenize_corpus
 from foldformer.data.tokenizers import load_tokenizer
 from foldformer.train import PRESETS
 tok = load_tokenizer(PRESETS["seed"]["data"]["tokenizer"])
 for split in ("train", "validation"):
-    c = tokenize_corpus([f"{sys.argv[1]}?split={split}"], tok, "/tmp/token_cache", progress=False)
+    c = tokenize_corpus([f"{sys.argv[1]}?split={split}"], tok, sys.argv[2], progress=False)
     print(split, len(c), "tokens", flush=True)
 PY
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)

@@ -260,3 +260,94 @@ def test_seed_step_picks_rows_and_names_a_wrong_pick(monkeypatch, tmp_path, caps
     with pytest.raises(SystemExit):
         seed_step.main(["--rows", "modes", "--pick", "3", "--out", str(out)])
     assert "--pick [3]: --rows modes has rows 0 to 2" in capsys.readouterr().err
+
+
+def test_explain_seed_bins_amplitude_on_the_ecl_grid(capsys):
+    """benchmarks/explain_seed.py: a position's amplitude split into its window's tokens and
+    the bins (low, high] of tokens back from the window start, a short context filling fewer;
+    a bad --gate or offset is one line naming it."""
+    from foldformer.explain import Amplitude
+
+    explain_seed = load("explain_seed")
+    record = Amplitude(position=10, amplitude=torch.full((11,), 1 / 11, dtype=torch.float64),
+                       initial_memory=0.0)  # fmt: skip
+    edges = explain_seed.bin_edges([0, 2, 4, 8, 16], context=8)
+    assert edges == [2, 4, 8] and explain_seed.bin_names(edges)[1:] == [
+        "(0, 2]",
+        "(2, 4]",
+        "(4, 8]",
+    ]
+    # window start 7: tokens 7..10 in the window, 6 and 5 within 2 back, 4 and 3, then 2..0
+    bins = explain_seed.amplitude_bins(record, 7, edges)
+    assert bins == pytest.approx([4 / 11, 2 / 11, 2 / 11, 3 / 11])
+    assert explain_seed.share_beyond(bins) == pytest.approx([7 / 11, 5 / 11, 3 / 11])
+    measure = ["measure", "CKPT", "--name", "m", "--data", "D", "--ecl", "E", "--out", "O"]
+    for bad, message in ((["--gate", "max"], "--gate 'max' is not one of"),
+                         (["--offsets", "64"], "--offsets in 0..63")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            explain_seed.main(measure + bad)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_explain_seed_measures_and_reports_a_gated_model(tmp_path, capsys):
+    """`explain_seed.py measure` on a tiny gated model beside its real ECL records, per gate,
+    then `report`: every position's bins hold all its amplitude, the summary's shares beyond d
+    follow from them, the budget cuts after one target, and the JSON and plot are written."""
+    import json
+
+    import numpy as np
+
+    from foldformer.cli import main as cli
+    from foldformer.data.tokenizers import ByteTokenizer
+    from foldformer.models import build_model
+
+    explain_seed = load("explain_seed")
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    shape = dict(vocab_size=257, d_model=16, n_layers=2, n_heads=2, segment_len=4, memory_len=4,
+                 memory_gate=True)  # fmt: skip
+    build_model("folded", shape).save_pretrained(model)
+    ByteTokenizer().save(model)
+    rng = np.random.default_rng(0)
+    (tmp_path / "docs").mkdir()
+    for i in range(3):
+        words = rng.choice(["the ", "sea ", "ship ", "night, ", "and\n"], size=120)
+        (tmp_path / "docs" / f"book{i}.txt").write_text("".join(words))
+    data, cache = str(tmp_path / "docs"), str(tmp_path / "cache")
+    cli(["eval", "ecl", str(model), "--data", data, "--cache-dir", cache, "--targets", "6",
+         "--max-distance", "32", "--control", "--bootstrap", "50", "--out", str(tmp_path)])  # fmt: skip
+    parts = []
+    for gate, budget in (("channels", "0"), ("mean", "1e-9")):
+        parts.append(tmp_path / f"{gate}.json")
+        explain_seed.main(["measure", str(model), "--name", "gated", "--gate", gate,
+                           "--data", data, "--cache-dir", cache, "--ecl", str(tmp_path / "ecl.json"),
+                           "--context", "48", "--targets", "3", "--offsets", "0", "5",
+                           "--budget-s", budget, "--out", str(parts[-1])])  # fmt: skip
+    channels, mean = (json.loads(p.read_text())["explain"] for p in parts)
+    assert channels["targets"] == 3 and mean["targets"] == 1  # the budget ran out after one
+    assert channels["bin_edges"] == [4, 8, 16, 32, 48]
+    assert len(channels["records"]) == 6 and {r["offset"] for r in channels["records"]} == {0, 5}
+    for record in channels["records"] + mean["records"]:
+        assert sum(record["bins"]) == pytest.approx(1, abs=1e-9)
+        assert len(record["bins"]) == 6 and min(record["bins"]) >= 0
+        assert record["horizon"] == sorted(record["horizon"])  # 50% <= 90% <= 99%
+    summary = channels["summary"]
+    assert summary["positions"] == 6
+    beyond = list(summary["share_beyond"].values())
+    assert list(summary["share_beyond"]) == ["0", "4", "8", "16", "32"]
+    assert beyond[0] == pytest.approx(1 - summary["bin_share"][0])
+    assert beyond == sorted(beyond, reverse=True) and beyond[-1] == pytest.approx(
+        summary["bin_share"][-1]
+    )
+    explain_seed.main(["report", str(tmp_path / "out"), *map(str, parts), "--command", "run it"])
+    result = json.loads((tmp_path / "out" / "explain_seed.json").read_text())
+    assert result["commands"] == ["run it"] and result["seed"] == 0
+    gated = result["models"]["gated"]
+    assert set(gated["explain"]) == {"channels", "mean"}
+    assert gated["ecl"]["distances"] == [0, 4, 8, 16, 32]
+    share = gated["ecl"]["loss_share_beyond"]
+    assert share[0] == pytest.approx(1) and share[-1] == 0
+    assert gated["model_config"]["memory_gate"] is True
+    assert (tmp_path / "out" / "explain_seed.png").stat().st_size > 0
+    assert "== gated: ECL" in capsys.readouterr().out
