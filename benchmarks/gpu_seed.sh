@@ -14,7 +14,7 @@
 set -uo pipefail
 results=$1 name=$2 minutes=$3
 shift 3
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 pg=${PG:-.carry/pg.tar.xz} runs=${RUNS:-/tmp/runs} cache=${TOKEN_CACHE:-/tmp/token_cache}
 mkdir -p "$results/$name" "$runs"
 python3 -m foldformer.cli train --preset seed --data "$pg?split=train" \

@@ -24,7 +24,7 @@
 set -uo pipefail
 results=$1 steps=${2:-360} minutes=${3:-6.6}
 only=${ONLY:-folded no_memory full_attention}  # e.g. ONLY=full_attention; also folded_gate
-export PYTHONPATH=src PYTHONUNBUFFERED=1 ECL_MAX=${ECL_MAX:-6144}
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 ECL_MAX=${ECL_MAX:-6144}
 pg=${PG:-.carry/pg.tar.xz}
 mkdir -p "$results"
 # Read the corpus once (the three runs share the token cache).
