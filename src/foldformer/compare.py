@@ -67,6 +67,7 @@ from foldformer.evaluate.suite import (
     ecl_documents,
     evaluate_model,
 )
+from foldformer.hf_fold import HFBaselineConfig, decoder_shape
 from foldformer.overrides import apply_overrides, field_types, read_config_file, typed
 from foldformer.train import DataConfig, RunConfig, TrainConfig
 from foldformer.variants.baselines import BASELINES, IN_HOUSE, config_class
@@ -145,6 +146,12 @@ class CompareConfig:
                 raise ConfigError(
                     f"[overrides.{name}] sets {unknown}, not fields of {cls.__name__} "
                     f"(model {name!r})"
+                )
+            pretrained = sorted(set(fields) & set(HFBaselineConfig.PRETRAINED))
+            if cls is HFBaselineConfig and fields.get("init_from") and pretrained:
+                raise ConfigError(
+                    f"[overrides.{name}] sets {pretrained} next to init_from="
+                    f"{fields['init_from']!r}: a pretrained decoder brings its own"
                 )
         if {"ecl", "lm"} & set(self.eval.run) and not self.data.val:
             raise CompareError(
@@ -236,17 +243,26 @@ class ModelPlan:
     skipped: str | None = None  # the reason, when the model cannot run here
 
     def run_model_dict(self) -> dict[str, Any]:
-        return {"model_type": self.model_type, **self.values}
+        """The model config training gets (a Hugging Face type's: its decoder's)."""
+        from foldformer.variants.baselines import model_values
+
+        return {"model_type": self.model_type, **model_values(self.model_type, self.values)}
 
 
-def check_parameter_band(name: str, count: int, target: int, tolerance: float) -> float:
-    """The ratio count / target; ParameterMismatchError when it is outside 1 ± tolerance."""
+def check_parameter_band(
+    name: str, count: int, target: int, tolerance: float, remedy: str | None = None
+) -> float:
+    """The ratio count / target; ParameterMismatchError when it is outside 1 ± tolerance.
+    remedy: what to change (default: the model's overrides, or matching)."""
     ratio = count / target
     if not 1 - tolerance <= ratio <= 1 + tolerance:
+        remedy = remedy or (
+            f"change its [overrides.{name}] or let [compare] match_parameters adjust d_ff"
+        )
         raise ParameterMismatchError(
             f"model {name!r} has {count:,} non-embedding parameters, {ratio:.3f}× the folded "
             f"model's {target:,}: outside the ±{tolerance:.0%} band a comparison requires "
-            f"(change its [overrides.{name}] or let [compare] match_parameters adjust d_ff)"
+            f"({remedy})"
         )
     return ratio
 
@@ -298,9 +314,19 @@ def _plan_models(config: CompareConfig, base: dict[str, Any], names: list[str]):
         entry = {**configs[name], **config.overrides.get(name, {})}
         model_type = entry.pop("model_type")
         plan = ModelPlan(name, model_type, entry)
+        pretrained = entry.get("init_from")  # a Hugging Face checkpoint: its size is its own
+        remedy = None
+        if pretrained:
+            remedy = (f"init_from={pretrained!r} is a pretrained decoder of fixed size: give "
+                      "[model] a shape of its size")  # fmt: skip
         try:
-            if name == "folded" or not config.compare.match_parameters:
-                plan.parameters = count_parameters(model_type, entry)
+            if name == "folded" or pretrained or not config.compare.match_parameters:
+                try:
+                    if pretrained:  # its family and shape are the checkpoint's
+                        plan.values = config_class(model_type).from_dict(entry).to_dict()
+                    plan.parameters = count_parameters(model_type, plan.values)
+                except ConfigError as error:  # e.g. a decoder vocabulary below the tokenizer's
+                    raise ConfigError(f"model {name!r}: {error}") from error
             else:
                 try:
                     plan.values, plan.parameters = match_parameters(
@@ -314,7 +340,7 @@ def _plan_models(config: CompareConfig, base: dict[str, Any], names: list[str]):
             plan.skipped = str(error)
             plans.append(plan)
             continue
-        plan.ratio = check_parameter_band(name, plan.parameters, target, tolerance)
+        plan.ratio = check_parameter_band(name, plan.parameters, target, tolerance, remedy)
         plans.append(plan)
     return target, plans
 
@@ -696,6 +722,8 @@ def shapes_table(records: list[dict[str, Any]]) -> str:
         if r["metric"] != "non_embedding_parameters":
             continue
         m = r["config"]["model"]
+        if "hf_config" in m:  # a Hugging Face decoder: its shape is in its own config
+            m = {**m, **decoder_shape(m["hf_config"])}
         w = m.get("segment_len")
         w_text = "∞ (one segment)" if isinstance(w, int) and w >= 10**9 else str(w)
         lines.append(
