@@ -41,6 +41,17 @@ folded model's (a model outside the band is refused before anything trains), tra
 ``train()`` into OUT/models/NAME, then ECL, passkey, bits per byte and memory/speed on
 OUT/models/NAME/final. A peer whose PyPI package is missing is skipped with the reason.
 
+``hf_folded`` and ``hf_rmt`` are Hugging Face decoders (foldformer.hf_fold) with
+[overrides.NAME] fields of HFBaselineConfig: a fresh ``family`` decoder at the [model] shape,
+matched like the others, or ``init_from = "path/to/hf_decoder"``, a pretrained decoder
+fine-tuned under the same budget, whose fixed size is checked against the band::
+
+    [overrides.hf_folded]
+    init_from = "path/to/hf_decoder"   # [data] tokenizer: the decoder's
+
+    [overrides.hf_rmt]
+    family = "gpt2"                    # gpt2, llama (default), qwen2, qwen3
+
 Written: OUT/results.json (every record, `foldformer report` reads it), OUT/results.md (one
 table), OUT/ecl.png (loss against context, all models), OUT/memory.png (inference memory and
 speed against length), OUT/training.png (loss against tokens). A re-run reuses every model that

@@ -24,6 +24,8 @@ reads), because
 With m = 0 the wrapped model is the unfolded decoder on each segment. `wrap_rmt` wraps the same
 decoder as a Recurrent Memory Transformer instead (foldformer.variants.rmt: n memory tokens read
 at the start and written at the end of a segment), the baseline it is compared with.
+`HFBaselineConfig` is how `foldformer compare` builds either (models hf_folded, hf_rmt): a
+fresh decoder of a family at a shape, or a pretrained folder (``init_from``).
 
 Not supported: other families (refused by name), sliding-window attention layers, padding
 masks (every row of a batch is a stream), and changing the decoder's vocabulary.
