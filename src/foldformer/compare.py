@@ -158,6 +158,7 @@ class CompareConfig:
                     f"[overrides.{name}] sets {unknown}, not fields of {cls.__name__} "
                     f"(model {name!r})"
                 )
+            # a pretrained decoder's own family and shape would silently replace these
             pretrained = sorted(set(fields) & set(HFBaselineConfig.PRETRAINED))
             if cls is HFBaselineConfig and fields.get("init_from") and pretrained:
                 raise ConfigError(
