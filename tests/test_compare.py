@@ -347,3 +347,144 @@ def test_a_bad_compare_flag_is_one_line_naming_it(workspace, capsys, argv, messa
     err = capsys.readouterr().err
     assert err.startswith("foldformer: error: ") and err.count("\n") == 1, err
     assert message in err and not (out / "models").exists()
+
+
+# -- Hugging Face decoders (foldformer.fold / wrap_rmt) in a comparison -------------------------
+
+
+def save_llama(folder, vocab_size=257, intermediate_size=64, max_positions=64):
+    """A tiny pretrained-to-be Llama checkpoint of the micro shape (d 32, 1 layer, 2 heads)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=intermediate_size,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=max_positions, tie_word_embeddings=True)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def test_hugging_face_decoders_compare_alongside_the_folded_model(workspace, monkeypatch, capsys):
+    """hf_folded fine-tunes a pretrained folder (init_from), hf_rmt is a fresh GPT-2 of the
+    folded model's shape: both train on the same tokens at matched size, are evaluated, and a
+    re-run reuses them."""
+    from safetensors.torch import load_file
+
+    from foldformer.models import load_model
+
+    pretrained = save_llama(workspace / "llama")
+    path = workspace / "micro.toml"
+    path.write_text(
+        path.read_text().replace('"no_memory", "peer_xl"', '"hf_folded", "hf_rmt"')
+        + f'\n[overrides.hf_folded]\ninit_from = "{pretrained}"\n'
+        + '\n[overrides.hf_rmt]\nfamily = "gpt2"\nmemory_len = 4\n'
+    )
+    out = workspace / "out"
+    assert main(["compare", str(path), "--out", str(out), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.strip().startswith("hf_folded"))
+    assert "d_ff=64 w=8 m=8" in line  # the checkpoint's shape, as it is
+
+    records = load_records([out / "results.json"])
+    assert records[0]["extra"]["models"] == ["folded", "hf_folded", "hf_rmt"]
+    tokens = {r["config"]["name"]: r["value"] for r in records if r["metric"] == "tokens_seen"}
+    assert tokens == {"folded": 3 * 2 * 32, "hf_folded": 3 * 2 * 32, "hf_rmt": 3 * 2 * 32}
+    sizes = {r["config"]["name"]: r for r in records if r["metric"] == "non_embedding_parameters"}
+    for name in ("hf_folded", "hf_rmt"):
+        assert 0.9 <= sizes[name]["extra"]["ratio"] <= 1.1
+        metrics = {r["metric"] for r in records if r["config"].get("name") == name}
+        assert {"ecl", "passkey_accuracy", "bits_per_byte", "final_val_loss"} <= metrics
+        model = load_model(out / "models" / name / "final")
+        assert model.num_parameters() == sizes[name]["value"]  # the count is the trained model's
+    assert sizes["hf_folded"]["config"]["model"]["hf_model"] == str(pretrained)
+    assert sizes["hf_rmt"]["config"]["model"]["hf_config"]["model_type"] == "gpt2"
+    assert sizes["hf_rmt"]["config"]["model"]["memory_len"] == 4
+
+    # hf_folded started from the checkpoint: 3 steps of lr 1e-3 move a weight by ~3e-3 at
+    # most, while another random start (std 0.02) differs from it by ~0.1 somewhere
+    start = load_file(pretrained / "model.safetensors")
+    tuned = load_model(out / "models" / "hf_folded" / "final").decoder.state_dict()
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert (tuned[key] - start[key]).abs().max() < 0.02
+    text = (out / "results.md").read_text()
+    assert "| hf_folded | hf_folded | 32 | 64 | 1 | 2 | 8 | 8 |" in text  # the checkpoint's d_ff
+    assert "| hf_rmt | hf_rmt | 32 |" in text
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished model was trained again")
+
+    monkeypatch.setattr(foldformer.train, "train", no_training)
+    monkeypatch.setattr("foldformer.compare.evaluate_model", no_training)
+    assert main(["compare", str(path), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("already trained") == 3
+    assert len(load_records([out / "results.json"])) == len(records)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "qwen3"])
+def test_hugging_face_decoders_are_matched_in_parameters(workspace, family):
+    config = load_compare_config(
+        workspace / "micro.toml",
+        {"compare.models": "folded,hf_folded,hf_rmt", "overrides.hf_folded.family": family,
+         "overrides.hf_rmt.family": family, "overrides.hf_rmt.d_ff": "1024"},
+    )  # fmt: skip
+    target, plans = plan_models(config, vocab_size=257)
+    for plan in plans[1:]:
+        assert plan.values["family"] == family and plan.values["d_ff"] < 1024
+        assert 0.9 <= plan.ratio <= 1.1 and abs(plan.parameters - target) <= 0.1 * target
+        hf_config = plan.run_model_dict()["hf_config"]
+        assert hf_config["model_type"] == family and hf_config["vocab_size"] == 257
+    # the same d_ff without matching is refused by name before anything trains
+    config = load_compare_config(
+        workspace / "micro.toml",
+        {"compare.models": "folded,hf_rmt", "compare.match_parameters": "false",
+         "overrides.hf_rmt.family": family, "overrides.hf_rmt.d_ff": "1024"},
+    )  # fmt: skip
+    with pytest.raises(ParameterMismatchError, match="'hf_rmt' has"):
+        plan_models(config, vocab_size=257)
+
+
+def test_a_pretrained_decoder_of_another_size_is_refused_by_name(workspace):
+    big = save_llama(workspace / "big", intermediate_size=1024)
+    config = load_compare_config(
+        workspace / "micro.toml",
+        {"compare.models": "folded,hf_folded", "overrides.hf_folded.init_from": str(big)},
+    )
+    with pytest.raises(ParameterMismatchError, match=r"init_from='.*big' is a pretrained decoder"):
+        plan_models(config, vocab_size=257)
+
+
+HF_BAD = {
+    "overrides.hf_folded.family=gpt5": "family='gpt5' is not supported; supported: ['gpt2'",
+    "overrides.hf_folded.init_from={root}/none": "init_from='{root}/none' is not a Hugging Face",
+    "overrides.hf_folded.famly=gpt2": "unknown HFBaselineConfig field(s) ['famly']",
+    "overrides.hf_rmt.memory_len=0": "model 'hf_rmt': memory_len must be >= 1",
+    "overrides.hf_folded.init_from={root}/small": "model 'hf_folded': vocab_size=257 is larger "
+    "than the decoder's vocab_size=100",
+    "overrides.hf_folded.init_from={root}/short": "a fold spans 16 positions",
+}
+
+
+@pytest.mark.parametrize("setting, message", sorted(HF_BAD.items()))
+def test_a_bad_hugging_face_model_is_one_line_naming_the_value(workspace, capsys, setting, message):
+    from foldformer.cli import console
+
+    save_llama(workspace / "small", vocab_size=100)
+    save_llama(workspace / "short", max_positions=12)
+    capsys.readouterr()  # save_pretrained's progress bar
+    out = workspace / "out"
+    models = "folded,hf_folded,hf_rmt"
+    argv = ["compare", str(workspace / "micro.toml"), "--out", str(out), "--models", models]
+    assert console([*argv, "--set", setting.replace("{root}", str(workspace))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message.replace("{root}", str(workspace)) in err
+    assert not (out / "models").exists()
+
+
+def test_init_from_keeps_the_decoders_own_shape(workspace):
+    llama = save_llama(workspace / "llama")
+    with pytest.raises(ConfigError, match=r"sets \['d_model'\] next to init_from=.*brings its own"):
+        load_compare_config(
+            workspace / "micro.toml",
+            {"overrides.hf_folded.init_from": str(llama), "overrides.hf_folded.d_model": "64"},
+        )

@@ -144,6 +144,15 @@ def test_fold_in_starts_as_a_scaled_identity_giving_memory_rows_the_embeddings_s
     assert scale == pytest.approx(rms, rel=1e-5)  # the final norms start with weight 1
 
 
+@pytest.mark.parametrize("wrap", WRAPS)
+def test_gpt2_positions_are_embeddings_left_out_of_the_non_embedding_count(wrap):
+    """As every model counts (docs/baselines.md): compare matches sizes on this count."""
+    model = make("gpt2", wrap)
+    base = model.decoder.base_model  # tied head: wte is the only token matrix
+    total = sum(p.numel() for p in model.parameters())
+    assert model.num_parameters() == total - base.wte.weight.numel() - base.wpe.weight.numel()
+
+
 @pytest.mark.parametrize(("family", "wrap"), [("gpt2", "fold"), ("qwen3", "rmt")])
 def test_save_and_load_give_the_same_model_without_the_source_folder(family, wrap, tmp_path):
     model = make(family, wrap).eval()

@@ -41,6 +41,17 @@ folded model's (a model outside the band is refused before anything trains), tra
 ``train()`` into OUT/models/NAME, then ECL, passkey, bits per byte and memory/speed on
 OUT/models/NAME/final. A peer whose PyPI package is missing is skipped with the reason.
 
+``hf_folded`` and ``hf_rmt`` are Hugging Face decoders (foldformer.hf_fold) with
+[overrides.NAME] fields of HFBaselineConfig: a fresh ``family`` decoder at the [model] shape,
+matched like the others, or ``init_from = "path/to/hf_decoder"``, a pretrained decoder
+fine-tuned under the same budget, whose fixed size is checked against the band::
+
+    [overrides.hf_folded]
+    init_from = "path/to/hf_decoder"   # [data] tokenizer: the decoder's
+
+    [overrides.hf_rmt]
+    family = "gpt2"                    # gpt2, llama (default), qwen2, qwen3
+
 Written: OUT/results.json (every record, `foldformer report` reads it), OUT/results.md (one
 table), OUT/ecl.png (loss against context, all models), OUT/memory.png (inference memory and
 speed against length), OUT/training.png (loss against tokens). A re-run reuses every model that
@@ -67,6 +78,7 @@ from foldformer.evaluate.suite import (
     ecl_documents,
     evaluate_model,
 )
+from foldformer.hf_fold import HFBaselineConfig, decoder_shape
 from foldformer.overrides import apply_overrides, field_types, read_config_file, typed
 from foldformer.train import DataConfig, RunConfig, TrainConfig
 from foldformer.variants.baselines import BASELINES, IN_HOUSE, config_class
@@ -145,6 +157,13 @@ class CompareConfig:
                 raise ConfigError(
                     f"[overrides.{name}] sets {unknown}, not fields of {cls.__name__} "
                     f"(model {name!r})"
+                )
+            # a pretrained decoder's own family and shape would silently replace these
+            pretrained = sorted(set(fields) & set(HFBaselineConfig.PRETRAINED))
+            if cls is HFBaselineConfig and fields.get("init_from") and pretrained:
+                raise ConfigError(
+                    f"[overrides.{name}] sets {pretrained} next to init_from="
+                    f"{fields['init_from']!r}: a pretrained decoder brings its own"
                 )
         if {"ecl", "lm"} & set(self.eval.run) and not self.data.val:
             raise CompareError(
@@ -236,17 +255,26 @@ class ModelPlan:
     skipped: str | None = None  # the reason, when the model cannot run here
 
     def run_model_dict(self) -> dict[str, Any]:
-        return {"model_type": self.model_type, **self.values}
+        """The model config training gets (a Hugging Face type's: its decoder's)."""
+        from foldformer.variants.baselines import model_values
+
+        return {"model_type": self.model_type, **model_values(self.model_type, self.values)}
 
 
-def check_parameter_band(name: str, count: int, target: int, tolerance: float) -> float:
-    """The ratio count / target; ParameterMismatchError when it is outside 1 ± tolerance."""
+def check_parameter_band(
+    name: str, count: int, target: int, tolerance: float, remedy: str | None = None
+) -> float:
+    """The ratio count / target; ParameterMismatchError when it is outside 1 ± tolerance.
+    remedy: what to change (default: the model's overrides, or matching)."""
     ratio = count / target
     if not 1 - tolerance <= ratio <= 1 + tolerance:
+        remedy = remedy or (
+            f"change its [overrides.{name}] or let [compare] match_parameters adjust d_ff"
+        )
         raise ParameterMismatchError(
             f"model {name!r} has {count:,} non-embedding parameters, {ratio:.3f}× the folded "
             f"model's {target:,}: outside the ±{tolerance:.0%} band a comparison requires "
-            f"(change its [overrides.{name}] or let [compare] match_parameters adjust d_ff)"
+            f"({remedy})"
         )
     return ratio
 
@@ -298,9 +326,19 @@ def _plan_models(config: CompareConfig, base: dict[str, Any], names: list[str]):
         entry = {**configs[name], **config.overrides.get(name, {})}
         model_type = entry.pop("model_type")
         plan = ModelPlan(name, model_type, entry)
+        pretrained = entry.get("init_from")  # a Hugging Face checkpoint: its size is its own
+        remedy = None
+        if pretrained:
+            remedy = (f"init_from={pretrained!r} is a pretrained decoder of fixed size: give "
+                      "[model] a shape of its size")  # fmt: skip
         try:
-            if name == "folded" or not config.compare.match_parameters:
-                plan.parameters = count_parameters(model_type, entry)
+            if name == "folded" or pretrained or not config.compare.match_parameters:
+                try:
+                    if pretrained:  # its family and shape are the checkpoint's
+                        plan.values = config_class(model_type).from_dict(entry).to_dict()
+                    plan.parameters = count_parameters(model_type, plan.values)
+                except ConfigError as error:  # e.g. a decoder vocabulary below the tokenizer's
+                    raise ConfigError(f"model {name!r}: {error}") from error
             else:
                 try:
                     plan.values, plan.parameters = match_parameters(
@@ -314,7 +352,7 @@ def _plan_models(config: CompareConfig, base: dict[str, Any], names: list[str]):
             plan.skipped = str(error)
             plans.append(plan)
             continue
-        plan.ratio = check_parameter_band(name, plan.parameters, target, tolerance)
+        plan.ratio = check_parameter_band(name, plan.parameters, target, tolerance, remedy)
         plans.append(plan)
     return target, plans
 
@@ -696,6 +734,8 @@ def shapes_table(records: list[dict[str, Any]]) -> str:
         if r["metric"] != "non_embedding_parameters":
             continue
         m = r["config"]["model"]
+        if "hf_config" in m:  # a Hugging Face decoder: its shape is in its own config
+            m = {**m, **decoder_shape(m["hf_config"])}
         w = m.get("segment_len")
         w_text = "∞ (one segment)" if isinstance(w, int) and w >= 10**9 else str(w)
         lines.append(

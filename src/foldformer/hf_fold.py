@@ -24,6 +24,8 @@ reads), because
 With m = 0 the wrapped model is the unfolded decoder on each segment. `wrap_rmt` wraps the same
 decoder as a Recurrent Memory Transformer instead (foldformer.variants.rmt: n memory tokens read
 at the start and written at the end of a segment), the baseline it is compared with.
+`HFBaselineConfig` is how `foldformer compare` builds either (models hf_folded, hf_rmt): a
+fresh decoder of a family at a shape, or a pretrained folder (``init_from``).
 
 Not supported: other families (refused by name), sliding-window attention layers, padding
 masks (every row of a batch is a stream), and changing the decoder's vocabulary.
@@ -41,7 +43,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from foldformer.config import ConfigError, JsonConfig
+from foldformer.config import ConfigError, DecoderConfig, JsonConfig
 from foldformer.model import FoldState
 from foldformer.streaming import StreamingLM
 from foldformer.variants.rmt import RecurrentMemoryTransformer, RMTState
@@ -115,10 +117,14 @@ class HFDecoderConfig(JsonConfig):
 
         return AutoConfig.for_model(**self.hf_config)
 
+    @staticmethod
+    def span(memory_len: int, segment_len: int) -> int:
+        """Positions one fold attends over: m + w."""
+        return memory_len + segment_len
+
     @property
     def positions(self) -> int:
-        """Positions one fold attends over: m + w."""
-        return self.memory_len + self.segment_len
+        return self.span(self.memory_len, self.segment_len)
 
     spans: ClassVar[str] = "memory_len + segment_len"
 
@@ -147,17 +153,99 @@ class HFRMTConfig(HFDecoderConfig):
         )
         super().__post_init__()
 
-    @property
-    def positions(self) -> int:
-        return 2 * self.memory_len + self.segment_len
+    @staticmethod
+    def span(memory_len: int, segment_len: int) -> int:
+        return 2 * memory_len + segment_len
 
 
-def read_hf_config(folder: str) -> dict[str, Any]:
-    """The config.json of a local Hugging Face model folder (nothing is downloaded)."""
+def read_hf_config(folder: str, field: str = "hf_model") -> dict[str, Any]:
+    """The config.json of a local Hugging Face model folder (nothing is downloaded); `field`
+    names the setting that gave the folder, for the error."""
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise ConfigError(f"hf_model={folder!r} is not a Hugging Face model folder: no config.json")
+        raise ConfigError(f"{field}={folder!r} is not a Hugging Face model folder: no config.json")
     return json.loads(path.read_text())
+
+
+def family_config(
+    family: str, vocab_size: int, d_model: int, n_layers: int, n_heads: int, d_ff: int,
+    positions: int, dropout: float, tie_embeddings: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The config (as HFDecoderConfig.hf_config) of a fresh `family` decoder of this shape: one
+    key/value head per head, head size d_model / n_heads, `positions` positions, no special
+    tokens (the tokenizer's are the run's)."""
+    from transformers import AutoConfig
+
+    if family == "gpt2":
+        shape = dict(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_ff,
+                     n_positions=positions, resid_pdrop=dropout, embd_pdrop=dropout,
+                     attn_pdrop=dropout)  # fmt: skip
+    else:
+        shape = dict(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                     num_key_value_heads=n_heads, head_dim=d_model // n_heads,
+                     intermediate_size=d_ff, max_position_embeddings=positions,
+                     attention_dropout=dropout)  # fmt: skip
+    return AutoConfig.for_model(
+        family, vocab_size=vocab_size, tie_word_embeddings=tie_embeddings, bos_token_id=None,
+        eos_token_id=None, **shape,
+    ).to_dict()  # fmt: skip
+
+
+def decoder_shape(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The project's shape fields of a Hugging Face decoder config (GPT-2's n_inner=None is
+    4 * d_model)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**hf_config)
+    d_ff = getattr(config, "intermediate_size", None) or config.n_inner or 4 * config.hidden_size
+    return dict(d_model=config.hidden_size, n_layers=config.num_hidden_layers,
+                n_heads=config.num_attention_heads, d_ff=d_ff,
+                tie_embeddings=bool(config.tie_word_embeddings))  # fmt: skip
+
+
+@dataclass
+class HFBaselineConfig(DecoderConfig):
+    """A Hugging Face decoder as `foldformer compare` builds it for hf_folded and hf_rmt: a
+    freshly initialised `family` decoder of this shape (by default the folded model's), or,
+    with ``init_from``, the pretrained decoder of that folder (its family, shape and weights)
+    to fine-tune."""
+
+    family: str = "llama"  # gpt2, llama, qwen2, qwen3
+    init_from: str = ""  # a Hugging Face model folder (config.json + weights)
+    tie_embeddings: bool = True
+
+    # what a pretrained decoder brings itself: an override may not set them next to init_from
+    PRETRAINED: ClassVar[tuple[str, ...]] = (
+        "family", "d_model", "n_layers", "n_heads", "d_ff", "tie_embeddings", "dropout",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        hf_config = read_hf_config(self.init_from, "init_from") if self.init_from else None
+        if hf_config is not None:
+            self.family = hf_config.get("model_type")
+        source = f" (the decoder of init_from={self.init_from!r})" if self.init_from else ""
+        _check(
+            self.family in FAMILIES,
+            f"family={self.family!r}{source} is not supported; supported: {sorted(FAMILIES)}",
+        )
+        if hf_config is not None:
+            for name, value in decoder_shape(hf_config).items():
+                setattr(self, name, value)
+        super().__post_init__()
+
+    def decoder_values(self, config_class: type[HFDecoderConfig]) -> dict[str, Any]:
+        """The fields of config_class (HFDecoderConfig or HFRMTConfig) for this decoder."""
+        values = dict(segment_len=self.segment_len, memory_len=self.memory_len,
+                      vocab_size=self.vocab_size)  # fmt: skip
+        if self.init_from:
+            hf_config = read_hf_config(self.init_from, "init_from")
+            return {"hf_model": self.init_from, "hf_config": hf_config, **values}
+        hf_config = family_config(
+            self.family, self.vocab_size, self.d_model, self.n_layers, self.n_heads, self.d_ff,
+            config_class.span(self.memory_len, self.segment_len), self.dropout,
+            self.tie_embeddings,
+        )  # fmt: skip
+        return {"hf_config": hf_config, **values}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +313,12 @@ class HFStreamingLM(StreamingLM):
         return self.decoder.get_output_embeddings()(hidden)  # hidden: after the final norm
 
     def embedding_parameters(self) -> list[nn.Parameter]:
+        """Token embeddings, an untied head and GPT-2's learned positions (`wpe`; the other
+        families are rotary), left out of non-embedding counts as for every model."""
         head = self.decoder.get_output_embeddings().weight
-        return [self.embed.weight] + ([] if head is self.embed.weight else [head])
+        params = [self.embed.weight] + ([] if head is self.embed.weight else [head])
+        positions = getattr(self.decoder.base_model, "wpe", None)
+        return params + ([] if positions is None else [positions.weight])
 
     def embedding_rms(self) -> float:
         return self.embed.weight.detach().float().pow(2).mean().sqrt().item()
@@ -339,6 +431,7 @@ def wrap_rmt(hf_model: nn.Module, memory_len: int, segment_len: int) -> RMTHFDec
 
 __all__ = [
     "FoldedHFDecoder",
+    "HFBaselineConfig",
     "HFDecoderConfig",
     "HFRMTConfig",
     "RMTHFDecoder",

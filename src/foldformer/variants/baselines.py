@@ -38,13 +38,31 @@ BASELINES: dict[str, tuple[str, str]] = {
     "peer_infini": ("peer_infini", "infini-transformer-pytorch (Infini-attention)"),
     "peer_xl": ("peer_xl", "x-transformers with max_mem_len (XL recurrence)"),
     "peer_block_recurrent": ("peer_block_recurrent", "block-recurrent-transformer-pytorch"),
+    "hf_folded": ("hf_folded", "a Hugging Face decoder folded (foldformer.fold)"),
+    "hf_rmt": ("hf_rmt", "a Hugging Face decoder as an RMT (foldformer.wrap_rmt)"),
 }
 IN_HOUSE = ("folded", "no_memory", "full_attention", "sliding_window", "transformer_xl", "rmt")
 PEER_NAMES = ("peer_rmt", "peer_infini", "peer_xl", "peer_block_recurrent")
+# Built from a family and a shape (or a pretrained folder), HFBaselineConfig, rather than from
+# the config they save (a Hugging Face config dict, which has no d_ff to match).
+HF_TYPES = ("hf_folded", "hf_rmt")
 
 
 def config_class(model_type: str) -> type:
+    """The config a comparison gives a model type (its fields are [overrides.NAME]'s)."""
+    if model_type in HF_TYPES:
+        from foldformer.hf_fold import HFBaselineConfig  # hf_fold imports foldformer.variants
+
+        return HFBaselineConfig
     return _classes(model_type)[1]
+
+
+def model_values(model_type: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The config fields `build_model(model_type, ...)` takes for a baseline's values: a Hugging
+    Face type's decoder config, the others' values as they are."""
+    if model_type not in HF_TYPES:
+        return values
+    return config_class(model_type).from_dict(values).decoder_values(_classes(model_type)[1])
 
 
 def config_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +107,8 @@ def baseline_configs(
             values["memory_len"] = 0
         elif name == "full_attention":
             values.update(memory_len=0, segment_len=FULL_ATTENTION_SEGMENT)
-        elif name in ("transformer_xl", "rmt", "peer_rmt", "peer_xl", "peer_block_recurrent"):
+        elif name in ("transformer_xl", "rmt", "hf_rmt", "peer_rmt", "peer_xl",
+                      "peer_block_recurrent"):  # fmt: skip
             if m < 1 and name != "transformer_xl":
                 raise ConfigError(f"baseline {name!r} needs memory_len >= 1, got {m}")
             values["memory_len"] = m
@@ -99,12 +118,13 @@ def baseline_configs(
 
 def count_parameters(model_type: str, values: dict[str, Any]) -> int:
     """Non-embedding parameters of a model, built on the meta device (no memory used)."""
-    values = config_values(values)
+    values = model_values(model_type, config_values(values))
+    values.pop("hf_model", None)  # a pretrained decoder's size is its config's: no weights read
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peers initialising empty tensors on meta
             model = build_model(model_type, values)
-    except (RuntimeError, NotImplementedError):  # a peer that cannot be built on meta
+    except (RuntimeError, NotImplementedError):  # a peer or hf_* that cannot be built on meta
         model = build_model(model_type, values)
     return int(model.num_parameters(non_embedding=True))
 
