@@ -371,3 +371,27 @@ def test_gpu_serving_script_runs_at_toy_size_on_a_cpu(tmp_path):
         load = json.loads((tmp_path / f"serve_load_batching_{batching}.json").read_text())
         assert load["errors"] == 0 and not load["timed_out"]
         assert load["batching"]["window_ms"] == window
+
+
+def test_a_client_gone_mid_stream_stops_its_decoding(engine, tmp_path):
+    """A streamed answer of up to 3,000 tokens whose client hangs up after the first pieces:
+    the server stops decoding it (decode steps far below 3,000) and commits nothing."""
+    limits = Limits(max_body_bytes=20000, max_text_chars=5000, max_new_tokens=3000)
+    app = create_app(engine, SessionStore(tmp_path / "s.sqlite"), "tiny", limits)
+    ask = {"prompt": " Q:", "max_new_tokens": 3000, "temperature": 0, "stop_at_eod": False,
+           "stream": True, "commit": True}  # fmt: skip
+    with serving(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+        sid = client.post("/v1/sessions", json={"text": "Some context."}).json()["id"]
+        with client.stream("POST", f"/v1/sessions/{sid}/generate", json=ask) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+        steps, deadline = -1, time.time() + 30
+        while time.time() < deadline:  # until the count stops moving
+            time.sleep(0.5)
+            rows = client.get("/healthz").json()["batching"]["decode_step_rows"]
+            if (now := sum(int(n) * k for n, k in rows.items())) == steps:
+                break
+            steps = now
+        tokens = client.get(f"/v1/sessions/{sid}").json()["tokens"]
+    assert 0 < steps < 1000, steps
+    assert tokens == len("Some context.")  # the abandoned answer was not committed

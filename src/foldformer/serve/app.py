@@ -353,6 +353,7 @@ def create_app(
             return result(session, done, body.commit)
 
         async def events() -> AsyncIterator[str]:
+            job = None
             async with lock(session_id):
                 try:
                     session, context = await load(session_id)
@@ -366,6 +367,9 @@ def create_app(
                     yield sse(final.model_dump(exclude={"text"}))  # the pieces were the text
                 except HTTPException as error:  # the response has started: report in-band
                     yield sse({"error": error.detail, "status": error.status_code})
+                finally:  # a client gone mid-answer stops its decoding (nothing is committed)
+                    if job is not None and not job.done.done():
+                        job.abandon()
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -419,10 +423,14 @@ def create_app(
 
         async def events() -> AsyncIterator[str]:
             job = batcher.submit(prompts, [None] * len(prompts), config, stream=True)
-            async for index, piece in job.stream():  # the prompts' pieces may interleave
-                yield chunk(index, piece, None)
-            for index, done in enumerate(await job.done):
-                yield chunk(index, "", done.finish_reason)
+            try:
+                async for index, piece in job.stream():  # the prompts' pieces may interleave
+                    yield chunk(index, piece, None)
+                for index, done in enumerate(await job.done):
+                    yield chunk(index, "", done.finish_reason)
+            finally:  # a client gone mid-answer stops its decoding
+                if not job.done.done():
+                    job.abandon()
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")

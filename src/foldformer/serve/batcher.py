@@ -39,13 +39,18 @@ def default_window_ms(device: torch.device) -> float:
 @dataclass
 class Job:
     """One request's prompts; `pieces` (for a streaming request) gets (index, text) as they
-    come and None at the end; `done` its completions."""
+    come and None at the end; `done` its completions. `gone` is set when its client went away
+    (`abandon`): a batch whose every job is gone stops decoding at the next token."""
 
     prompts: list[str]
     contexts: list[ContextState | None]
     config: SamplingConfig
     done: asyncio.Future
     pieces: asyncio.Queue | None = None
+    gone: threading.Event = field(default_factory=threading.Event)
+
+    def abandon(self) -> None:
+        self.gone.set()
 
     async def stream(self) -> AsyncIterator[tuple[int, str]]:
         while (item := await self.pieces.get()) is not None:
@@ -124,6 +129,12 @@ class Batcher:
                 if job.pieces is not None:
                     job.pieces.put_nowait(None)
             return
+        if completions is None:  # every client went away mid-answer: nobody to answer
+            for job in jobs:
+                job.done.cancel()
+                if job.pieces is not None:
+                    job.pieces.put_nowait(None)
+            return
         start = 0
         for job in jobs:
             if not job.done.done():  # a client that went away cancelled its future
@@ -132,8 +143,9 @@ class Batcher:
             if job.pieces is not None:
                 job.pieces.put_nowait(None)
 
-    def _decode(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> list[Completion]:
-        """In a worker thread: one batch of every job's rows; pieces go to the event loop."""
+    def _decode(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> list[Completion] | None:
+        """In a worker thread: one batch of every job's rows; pieces go to the event loop.
+        None if every job was abandoned before the end (the rest of the answers not made)."""
         owners = [(job, k) for job in jobs for k in range(len(job.prompts))]
         stream = self.engine.stream_batch(
             [p for job in jobs for p in job.prompts],
@@ -146,6 +158,8 @@ class Batcher:
                 job, k = owners[row]
                 if job.pieces is not None:
                     loop.call_soon_threadsafe(job.pieces.put_nowait, (k, piece))
+                if all(job.gone.is_set() for job in jobs):
+                    return None
         finally:
             self._decoding.on = False
         return stream.completions
