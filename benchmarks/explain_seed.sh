@@ -19,7 +19,9 @@
 # the CPU through every stage (under a minute). WORK (default: a new /tmp/explain_seed.*) holds
 # the runs and the models. `python3` must be the Python with torch (as for gpu_seed_all.sh).
 set -euo pipefail
+[[ $# == 2 ]] || { echo "usage: bash benchmarks/explain_seed.sh OUT PG_ARCHIVE" >&2; exit 2; }
 out=$1 pg=$2
+[[ -f $pg ]] || { echo "no pg archive at $pg" >&2; exit 2; }
 work=${WORK:-$(mktemp -d /tmp/explain_seed.XXXXXX)}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out" "$work/parts"
@@ -60,9 +62,10 @@ done_parts=()
 for i in "${!pids[@]}"; do  # a failed part is left out of the report, not the others
   if wait "${pids[$i]}"; then done_parts+=("${parts[$i]}"); else echo "FAILED: ${parts[$i]}"; fi
 done
+tar -czf "$out/runs.tar.gz" -C "$work" runs parts
+(( ${#done_parts[@]} )) || { echo "no model was explained (above)"; exit 1; }
 echo "$(date -u +%T) report"
 report=()
 for command in "${commands[@]}"; do report+=(--command "$command"); done
 python3 "$here/explain_seed.py" report "$out" "${done_parts[@]}" "${report[@]}"
-tar -czf "$out/runs.tar.gz" -C "$work" runs parts
 echo "$(date -u +%T) done: $(ls "$out" | tr '\n' ' ')"
