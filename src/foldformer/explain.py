@@ -6,9 +6,10 @@ is layer l's attention, averaged over heads). Row r of R is the share of path am
 output r draws from each input: a token of the segment, or a memory row. A memory row is the
 final state of one of the previous fold's positions, so its amplitude is that position's row
 one fold back. The gated model mixes the old row back in, next = g·old + (1 − g)·new per
-channel: gate="mean" (the default) carries one amplitude per row with the channel mean of g;
-gate="channels" carries each channel's apart and averages them at the output (exact for the
-linear path when g differs by channel). What is left after the first fold ended in the
+channel: gate="channels" (the default) carries each channel's amplitude apart and averages
+them at the output (exact for the linear path when g differs by channel); gate="mean" carries
+one amplitude per row with the channel mean of g (d times less storage, but it misses what a
+gate holding some channels keeps: docs/explain.md). What is left after the first fold ended in the
 initial memory M0.
 
 Constant memory per fold: each completed fold leaves the rollout rows of the positions it
@@ -117,7 +118,11 @@ class Explainer:
     eval mode (dropout would make the weights random)."""
 
     def __init__(
-        self, model: nn.Module, positions: Iterable[int], heads: str = "mean", gate: str = "mean"
+        self,
+        model: nn.Module,
+        positions: Iterable[int],
+        heads: str = "mean",
+        gate: str = "channels",
     ):
         if not isinstance(model, FoldedTransformer):
             kind = getattr(model, "model_type", type(model).__name__)
@@ -250,7 +255,7 @@ def explain(
     token_ids: Tensor | list[int],
     positions: Iterable[int],
     heads: str = "mean",
-    gate: str = "mean",
+    gate: str = "channels",
 ) -> list[Amplitude]:
     """The amplitude of each of `positions` (0-based, in the text) over the tokens before it."""
     explainer = Explainer(model, positions, heads, gate)

@@ -26,9 +26,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                              "end (default: -1, the last token)")  # fmt: skip
     parser.add_argument("--heads", choices=("mean", "keep"), default="mean",
                         help="keep: also the amplitude of each head of the last layer")  # fmt: skip
-    parser.add_argument("--gate", choices=("mean", "channels"), default="mean",
-                        help="a gated memory's mix in the rollout: its channel mean per row, or "
-                             "every channel carried apart (exact, d times the storage)")  # fmt: skip
+    parser.add_argument("--gate", choices=("channels", "mean"), default="channels",
+                        help="a gated memory's mix in the rollout: every channel carried apart "
+                             "(exact; the default) or its channel mean per row (d times less "
+                             "storage; misses what a holding gate keeps)")  # fmt: skip
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the outputs")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
     parser.set_defaults(handler=explain_command)
