@@ -170,6 +170,7 @@ def test_streaming_peak_memory_does_not_grow_with_length():
      dict(memory_gate=True, gate_activation="clamp_st", memory_write=True)],
     ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "plain",
 )  # fmt: skip
+@pytest.mark.usefixtures("one_thread")  # 10^4 tiny folds: threads only oversubscribe the cores
 def test_memory_norms_stay_bounded_over_ten_thousand_folds(values):
     torch.manual_seed(0)
     config = FoldedConfig(**{**dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
