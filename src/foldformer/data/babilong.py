@@ -145,8 +145,9 @@ class TokenizedBackground:
         if not sentences:
             raise ValueError("background needs at least one sentence")
         self.sentences = list(sentences)
-        pieces = [np.asarray(tokenizer.encode(" " + s), dtype=np.int32) for s in self.sentences]
-        self.ids = np.concatenate(pieces)
+        encode = getattr(tokenizer, "encode_array", tokenizer.encode)  # bytes: no Python list
+        pieces = [np.asarray(encode(" " + s)) for s in self.sentences]
+        self.ids = np.concatenate(pieces).astype(np.int32)
         # starts[j]: token offset of sentence j (starts[-1] = all tokens)
         self.starts = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
 
