@@ -4,7 +4,7 @@ of at most 16K tokens, then asked bAbI questions hidden in 0 to 1M (or 10M) toke
 
     PYTHONPATH=src python3 benchmarks/babilong_gpu.py --pg PG_ARCHIVE --babi BABI_DIR --out OUT \\
         [--models folded,rmt,no_memory] [--tasks qa1] [--minutes 2.5] \\
-        [--lengths 0,4K,16K,128K,1M] [--samples 100] [--deadline 480] [--init MODEL_DIR] \\
+        [--lengths 0,4K,16K,128K,1M] [--samples 100] [--deadline 450] [--init MODEL_DIR] \\
         [--set key=value ...]
     SMOKE=1 PYTHONPATH=src python3 benchmarks/babilong_gpu.py ... --out OUT   # CPU, toy sizes
 
@@ -31,11 +31,15 @@ Running. One process per (model, task), all at once on the one GPU (like gpu_see
 with the same data, seed, batch, steps cap and a wall-clock cap of --minutes each; then each
 evaluates its lengths in increasing order, a length only when its estimated time (the last
 length's, scaled by length) ends before --deadline seconds from the start, so the short ones
-are kept. Estimate: 1M tokens x 100 rows took 16 s with the CUDA graph for the passkey model
-alone on an H200 (docs/retrieval.md), so 1M is about 16 s per model and task and 10M about
-160 s; three processes sharing the GPU take longer each (up to about 3x). The default call
-(3 models, qa1, 2.5 min, lengths to 1M) takes about 6 minutes; more tasks in one call slow
-every process (4 tasks x 3 models: give --minutes 2 and expect the 1M cells to be cut).
+are kept; a process still running 30 s past the deadline is stopped (its saved lengths kept).
+Estimate: 1M tokens x 100 rows took 16 s with the CUDA graph for the passkey model alone on an
+H200 and 43 s with three evaluating at once (docs/retrieval.md, rounds 5 and 4), so 1M is
+16-45 s per model and task and 10M about 160-450 s (not in the default lengths; building its
+100 prompts takes about 30 s more and 4 GB of host memory per process). The default call
+(3 models, qa1, 2.5 min, lengths to 1M): about 30 s of set-up (reading and tokenizing the
+books), 2.5 min of training, about 1.5 min of evaluation: about 5 minutes, at most
+--deadline (450 s) + 30 s + packing. More tasks in one call slow every process (4 tasks x 3
+models: give --minutes 2 and expect the 1M cells to be cut): one task a call is the plan.
 
 Writes OUT/babilong.json (per model, task and length: accuracy, Wilson interval, n, mean prompt
 tokens, seconds; per model: parameters, training steps and tokens, curriculum level reached;
@@ -261,7 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=2.5, help="training cap per process")
     parser.add_argument("--lengths", default="0,4K,16K,128K,1M")
     parser.add_argument("--samples", type=int, default=100, help="questions per length")
-    parser.add_argument("--deadline", type=float, default=480.0, help="seconds from the start")
+    parser.add_argument("--deadline", type=float, default=450.0, help="seconds from the start")
     parser.add_argument("--init", help="the folded model starts from this model's weights")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seed", type=int, default=0)
@@ -368,6 +372,9 @@ def run(args) -> int:
         "seed": args.seed,
         "smoke": args.smoke,
         "target_parameters": target,
+        "tokens_note": "train.tokens is the trainer's count, steps x batch_size x seq_len; a "
+        "BABILong row is as long as its curriculum level (train.level at the end, "
+        "curriculum_level in metrics.jsonl), so more tokens were read",
         "runs": {n: r["run"] for n, r in runs.items()},
         "train_data": {t: data_spec(args, t) for t in args.tasks},
         "eval_data": {
