@@ -92,6 +92,7 @@ def base_overrides(args) -> dict[str, str]:
     overrides.pop("data.train")  # the task's spec, per process
     overrides.update(SMOKE_SET if args.smoke else {"train.device": "cuda"})
     overrides["train.max_minutes"] = str(args.minutes)
+    overrides["train.seed"] = str(args.seed)  # weights and data order; --seed also picks questions
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -309,7 +310,12 @@ def run(args) -> int:
     out, work = Path(args.out), Path(args.work)
     logs = out / "babilong_logs"
     shutil.rmtree(logs, ignore_errors=True)
-    target, runs = plan(args)
+    from foldformer.config import ConfigError
+
+    try:
+        target, runs = plan(args)
+    except (ConfigError, ValueError) as error:  # a bad --set, or shapes that cannot match
+        raise SystemExit(f"error: {error}") from None
     print(f"non-embedding parameters (folded {target:,}): "
           + ", ".join(f"{n} {r['planned_parameters']:,}" for n, r in runs.items()))  # fmt: skip
 
