@@ -351,3 +351,56 @@ def test_explain_seed_measures_and_reports_a_gated_model(tmp_path, capsys):
     assert gated["model_config"]["memory_gate"] is True
     assert (tmp_path / "out" / "explain_seed.png").stat().st_size > 0
     assert "== gated: ECL" in capsys.readouterr().out
+
+
+def test_babilong_gpu_smoke_trains_evaluates_and_packs(tmp_path, capsys):
+    """benchmarks/babilong_gpu.py --smoke end to end on a CPU (one model; the matched plan for
+    all three): every length evaluated on the validation authors' books, and the JSON, the plot
+    and a logs tarball without checkpoints are all that OUT holds."""
+    import io
+    import tarfile
+
+    from foldformer.data.babilong import TokenizedBackground, load_background
+    from foldformer.data.text import PG_VALIDATION_AUTHORS
+    from foldformer.data.tokenizers import ByteTokenizer
+
+    babilong = load("babilong_gpu")
+    archive = tmp_path / "pg.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        for author in ("austen-jane", *PG_VALIDATION_AUTHORS):
+            text = " ".join(f"A {author} book, sentence {j}, is long enough." for j in range(60))
+            info = tarfile.TarInfo(f"pg/{author}/book.txt")
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    babi = str(Path(__file__).resolve().parent / "fixtures" / "babi")
+    out = tmp_path / "out"
+    argv = ["--smoke", "--pg", str(archive), "--babi", babi, "--out", str(out), "--minutes",
+            "0.05", "--lengths", "0,300,1K", "--samples", "4", "--work", str(tmp_path / "w")]  # fmt: skip
+    # The plan: RMT and no-memory matched to the folded model within 10%.
+    target, runs = babilong.plan(babilong.parse_args(argv))
+    assert runs["no_memory"]["run"]["model"]["memory_len"] == 0
+    assert runs["rmt"]["run"]["model"]["model_type"] == "rmt"
+    assert all(abs(r["planned_parameters"] / target - 1) <= 0.10 for r in runs.values())
+    assert babilong.main([*argv, "--models", "folded"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "babilong.json",
+        "babilong.png",
+        "babilong_logs.tar.gz",
+    ]
+    summary = json.loads((out / "babilong.json").read_text())
+    (result,) = summary["results"]
+    assert result["model"] == "folded" and result["matched"] and result["train"]["steps"] >= 1
+    assert [c["length"] for c in result["cells"]] == [0, 300, 1024]
+    for cell in result["cells"]:
+        assert cell["n"] == 4 and 0 <= cell["accuracy"] <= 1 and cell["seconds"] > 0
+    assert result["cells"][2]["mean_prompt_tokens"] == 1024  # exact lengths: one batch
+    # the background is the validation authors' books, not the training author's
+    validation = TokenizedBackground(
+        load_background(f"{archive}?split=validation"), ByteTokenizer()
+    )
+    assert result["background_tokens"] == int(validation.starts[-1])
+    with tarfile.open(out / "babilong_logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "babilong_logs/folded_qa1/metrics.jsonl" in names
+    assert not any(n.endswith(".safetensors") for n in names)
+    assert "folded" in capsys.readouterr().out

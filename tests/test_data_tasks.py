@@ -12,6 +12,7 @@ import torch
 from foldformer import FoldedConfig, FoldedTransformer
 from foldformer.data.babilong import (
     BabilongTask,
+    TokenizedBackground,
     build_babilong_sample,
     load_babi,
     split_babi,
@@ -166,10 +167,75 @@ def test_babilong_keeps_facts_in_order_and_reaches_the_length(n_tokens):
             assert tok.decode(ex.input_ids[position:]).lstrip().startswith(fact)
         bare = build_babilong_sample(sample, BACKGROUND, 0, tok, np.random.default_rng(seed))
         if len(bare.input_ids) > n_tokens:  # the facts alone are longer: no background
-            assert ex.n_background == 0 and ex.input_ids == bare.input_ids
+            assert ex.n_background == 0 and np.array_equal(ex.input_ids, bare.input_ids)
         else:
             assert n_tokens - longest < len(ex.input_ids) <= n_tokens
         assert ex.answer == sample.answer and tok.decode(ex.answer_ids) == " " + sample.answer
+
+
+def test_babilong_tokenized_background_builds_the_same_samples():
+    samples = load_babi(BABI / "qa1_single-supporting-fact_train.txt")
+    tokenized = TokenizedBackground(BACKGROUND, tok)
+    for n_tokens in (0, 60, 200, 2000, 10**5):  # 10**5: more than the whole background
+        for seed in range(4):
+            a, b = (build_babilong_sample(samples[seed], bg, n_tokens, tok,
+                                          np.random.default_rng(seed))
+                    for bg in (BACKGROUND, tokenized))  # fmt: skip
+            assert np.array_equal(a.input_ids, b.input_ids) and a.text == b.text
+            assert (a.fact_positions, a.n_background) == (b.fact_positions, b.n_background)
+    # One pass at most without exact: the whole background, never a sentence twice.
+    assert a.n_background == len(BACKGROUND) and len(a.input_ids) < 10**5
+
+
+@pytest.mark.parametrize("n_tokens", [1000, 5000, 40000])  # 40000: the books wrap around
+def test_babilong_exact_length(n_tokens):
+    samples = load_babi(BABI / "qa1_single-supporting-fact_train.txt")
+    tokenized = TokenizedBackground(BACKGROUND, tok)
+    assert int(tokenized.starts[-1]) < 40000
+    for seed in range(5):
+        sample = samples[seed * 3]
+        ex = build_babilong_sample(sample, tokenized, n_tokens, tok, np.random.default_rng(seed),
+                                   exact=True)  # fmt: skip
+        assert len(ex.input_ids) == n_tokens and ex.input_ids.dtype == np.int32
+        text = tok.decode(ex.input_ids)
+        assert text == ex.text and text.endswith(f"Question: {sample.question} Answer:")
+        for position, fact in zip(ex.fact_positions, sample.facts, strict=True):
+            assert tok.decode(ex.input_ids[position:]).lstrip().startswith(fact)
+        # the same draws as without exact: only the cut sentence before the question is added
+        loose = build_babilong_sample(sample, tokenized, n_tokens, tok, np.random.default_rng(seed))
+        if n_tokens < int(tokenized.starts[-1]):
+            assert np.array_equal(ex.input_ids[: ex.fact_positions[-1]],
+                                  loose.input_ids[: loose.fact_positions[-1]])  # fmt: skip
+    # Too short for the facts and question: exact cannot cut them, the prompt is the bare one.
+    short = build_babilong_sample(samples[0], tokenized, 5, tok, np.random.default_rng(0),
+                                  exact=True)  # fmt: skip
+    assert len(short.input_ids) > 5 and short.n_background == 0
+
+
+def test_babilong_books_from_an_archive_split(tmp_path):
+    import io
+    import tarfile
+
+    from foldformer.data.text import PG_VALIDATION_AUTHORS
+
+    archive = tmp_path / "pg.tar.xz"
+    books = {"pg/austen-jane/a.txt": "Emma walked to the village. The rain had stopped."}
+    for author in PG_VALIDATION_AUTHORS:
+        books[f"pg/{author}/b.txt"] = f"A tale by {author}. It ends well."
+    with tarfile.open(archive, "w:xz") as tar:
+        for name, text in books.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    # The books spec carries its own ?split= inside the task spec's options.
+    spec = f"babilong:qa1:{BABI}?books={archive}?split=train&lengths=0,64"
+    source = build_batch_source(spec, tok, batch_size=2, seq_len=64, segment_len=16)
+    assert source.background.sentences == ["Emma walked to the village.", "The rain had stopped."]
+    assert source.curriculum.levels == [0, 64]
+    validation = build_batch_source(spec.replace("split=train", "split=validation"), tok,
+                                    batch_size=2, seq_len=64, segment_len=16)  # fmt: skip
+    assert len(validation.background) == 2 * len(PG_VALIDATION_AUTHORS)
+    assert not any("Emma" in s for s in validation.background.sentences)
 
 
 def test_babilong_task_and_data_specs(tmp_path):

@@ -155,6 +155,14 @@ def test_eval_babilong_command(workspace):
     assert all(r["extra"]["samples"] == 2 for r in cells)
     assert cells[1]["extra"]["mean_prompt_tokens"] > cells[0]["extra"]["mean_prompt_tokens"]
     assert (out / "babilong_qa1.png").stat().st_size > 0
+    # --exact: every prompt exactly its length, the same questions and answers
+    run("eval", "babilong", workspace / "ckpt", "--task", "qa1", "--lengths", "300", "--books",
+        workspace / "books", "--babi", workspace, "--samples", 2, "--out", out / "exact",
+        "--device", "cpu", "--exact")  # fmt: skip
+    (exact,) = records_of(out / "exact" / "babilong_qa1.json", "babilong_accuracy")
+    assert exact["extra"]["mean_prompt_tokens"] == 300 and exact["config"]["eval"]["exact"]
+    answers = [e["answer"] for e in exact["extra"]["examples"]]
+    assert answers == [e["answer"] for e in cells[1]["extra"]["examples"]]
 
 
 def test_eval_lm_command_and_bits_per_byte_definition(workspace):

@@ -125,80 +125,145 @@ def load_background(
     return sentences
 
 
+def _cyclic(seq, start: int, end: int) -> list:
+    """Slices covering items start..end of `seq` repeated end to end."""
+    parts = []
+    while start < end:
+        at = start % len(seq)
+        take = min(end - start, len(seq) - at)
+        parts.append(seq[at : at + take])
+        start += take
+    return parts
+
+
+class TokenizedBackground:
+    """Background sentences tokenized once, each as " " + sentence, in one flat array, so a long
+    prompt is cut from it in slices rather than encoded a sentence at a time (a 1M-token
+    prompt is ten thousand sentences). Positions past the end wrap around to the start."""
+
+    def __init__(self, sentences: list[str], tokenizer: Tokenizer):
+        if not sentences:
+            raise ValueError("background needs at least one sentence")
+        self.sentences = list(sentences)
+        encode = getattr(tokenizer, "encode_array", tokenizer.encode)  # bytes: no Python list
+        pieces = [np.asarray(encode(" " + s)) for s in self.sentences]
+        self.ids = np.concatenate(pieces).astype(np.int32)
+        # starts[j]: token offset of sentence j (starts[-1] = all tokens)
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def offset(self, sentence: int) -> int:
+        """Token offset of sentence index `sentence` (wrapping)."""
+        passes, j = divmod(sentence, len(self.sentences))
+        return passes * int(self.starts[-1]) + int(self.starts[j])
+
+    def fitting(self, first: int, budget: int, limit: int) -> int:
+        """How many whole sentences from `first` on fit in `budget` tokens, at most `limit`."""
+        passes, rest = divmod(self.offset(first) + budget, int(self.starts[-1]))
+        last = passes * len(self) + int(np.searchsorted(self.starts, rest, side="right")) - 1
+        return max(0, min(last - first, limit))
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens start..end (token offsets, wrapping)."""
+        parts = _cyclic(self.ids, start, end)
+        return np.concatenate(parts) if parts else self.ids[:0]
+
+    def text(self, first: int, end: int) -> str:
+        """Sentences first..end (sentence indices, wrapping) joined by spaces."""
+        return " ".join(" ".join(part) for part in _cyclic(self.sentences, first, end))
+
+
 @dataclass
 class BabilongExample:
     """One BABILong sample, tokenized."""
 
-    input_ids: list[int]  # the whole prompt, ending with the question and "Answer:"
+    input_ids: np.ndarray  # int32: the whole prompt, ending with the question and "Answer:"
     answer: str
     answer_ids: list[int]  # tokens of " " + answer
     fact_positions: list[int]  # token index where each fact starts, in order
-    n_background: int  # background sentences used
+    n_background: int  # whole background sentences used
     text: str  # the prompt as text (pieces joined by spaces)
 
 
 def build_babilong_sample(
     sample: BabiSample,
-    background_sentences: list[str],
+    background: list[str] | TokenizedBackground,
     n_tokens: int,
     tokenizer: Tokenizer,
     rng: np.random.Generator,
     template: str = QUESTION_TEMPLATE,
+    exact: bool = False,
 ) -> BabilongExample:
     """Hide the sample's facts, in order, at random sentence boundaries of a contiguous run of
     background sentences (from a random start) so that the prompt has at most n_tokens tokens
-    and falls short by less than one sentence. n_tokens=0: facts and question only."""
+    and falls short by less than one sentence. n_tokens=0: facts and question only.
+
+    background: sentences, or a `TokenizedBackground` (tokenized once: pass one for repeated
+    calls; a list is tokenized on every call). exact: the run may wrap around past the last
+    sentence, and the shortfall is filled with the tokens that follow the run (a cut sentence
+    just before the question), so every prompt has exactly n_tokens tokens and prompts of one
+    length batch together (unless the facts and question alone are longer).
+    """
     if n_tokens < 0:
         raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
 
-    def enc(text: str, first: bool) -> list[int]:
-        return list(tokenizer.encode(text if first else " " + text))
+    def enc(text: str, first: bool = False) -> np.ndarray:
+        return np.asarray(tokenizer.encode(text if first else " " + text), dtype=np.int32)
 
     # Budget every piece with its spaced encoding: the one piece that opens the prompt is
     # encoded without the space and can only get shorter, so the total never exceeds n_tokens.
-    question = enc(template.format(question=sample.question), False)
-    facts = [enc(f, False) for f in sample.facts]
+    question_text = template.format(question=sample.question)
+    question = enc(question_text)
+    facts = [enc(f) for f in sample.facts]
     used = len(question) + sum(len(f) for f in facts)
-    chosen: list[list[int]] = []
-    texts: list[str] = []
+    first = count = 0
     if n_tokens > 0:
-        if not background_sentences:
+        if not len(background):
             raise ValueError("n_tokens > 0 needs background sentences")
-        i = int(rng.integers(0, len(background_sentences)))
-        while len(chosen) < len(background_sentences):
-            sentence = background_sentences[i % len(background_sentences)]
-            ids = enc(sentence, False)
-            if used + len(ids) > n_tokens:
-                break
-            chosen.append(ids)
-            texts.append(sentence)
-            used += len(ids)
-            i += 1
-    # Facts go at sorted random boundaries 0..len(chosen), keeping their order.
-    slots = np.sort(rng.integers(0, len(chosen) + 1, size=len(facts))) if facts else []
-    pieces: list[tuple[str, str]] = []  # (kind, text)
-    fact_index = 0
-    for boundary in range(len(chosen) + 1):
-        while fact_index < len(facts) and slots[fact_index] == boundary:
-            pieces.append(("fact", sample.facts[fact_index]))
-            fact_index += 1
-        if boundary < len(chosen):
-            pieces.append(("background", texts[boundary]))
-    pieces.append(("question", template.format(question=sample.question)))
+        if not isinstance(background, TokenizedBackground):
+            background = TokenizedBackground(background, tokenizer)
+        first = int(rng.integers(0, len(background)))
+        limit = n_tokens if exact else len(background)  # one pass unless exact
+        count = background.fitting(first, max(0, n_tokens - used), limit)
+    # Facts go at sorted random boundaries 0..count, keeping their order; the sentences
+    # between two boundaries holding facts are one piece.
+    slots = np.sort(rng.integers(0, count + 1, size=len(facts))).tolist() if facts else []
+    pieces: list[tuple[str, str, np.ndarray]] = []  # (kind, text, tokens)
+    done = 0  # sentences placed
+    for boundary, fact_text, fact in zip(
+        [*slots, count], [*sample.facts, None], [*facts, None], strict=True
+    ):
+        if boundary > done:
+            a, b = first + done, first + boundary
+            ids = background.tokens(background.offset(a), background.offset(b))
+            pieces.append(("background", background.text(a, b), ids))
+            done = boundary
+        if fact is not None:
+            pieces.append(("fact", fact_text, fact))
+    pieces.append(("question", question_text, question))
+    kind, text, ids = pieces[0]
+    if kind == "background":  # only its first sentence loses the space
+        sentence = background.sentences[first]
+        head = background.offset(first + 1) - background.offset(first)
+        pieces[0] = (kind, text, np.concatenate([enc(sentence, True), ids[head:]]))
+    else:
+        pieces[0] = (kind, text, enc(text, True))
+    short = n_tokens - sum(len(p[2]) for p in pieces)
+    if exact and n_tokens > 0 and short > 0:
+        start = background.offset(first + count)
+        ids = background.tokens(start, start + short)
+        pieces.insert(-1, ("cut", tokenizer.decode(ids.tolist()).lstrip(), ids))
 
-    input_ids: list[int] = []
-    fact_positions = []
-    for k, (kind, text) in enumerate(pieces):
-        if kind == "fact":
-            fact_positions.append(len(input_ids))
-        input_ids += enc(text, k == 0)
+    starts = np.cumsum([0] + [len(p[2]) for p in pieces])
     return BabilongExample(
-        input_ids=input_ids,
+        input_ids=np.concatenate([p[2] for p in pieces]),
         answer=sample.answer,
-        answer_ids=enc(sample.answer, False),
-        fact_positions=fact_positions,
-        n_background=len(chosen),
-        text=" ".join(t for _, t in pieces),
+        answer_ids=enc(sample.answer).tolist(),
+        fact_positions=[int(starts[k]) for k, p in enumerate(pieces) if p[0] == "fact"],
+        n_background=count,
+        text=" ".join(p[1] for p in pieces),
     )
 
 
@@ -230,16 +295,16 @@ class BabilongTask(SyntheticTask):
         samples = babi if isinstance(babi, list) else load_babi(babi_file(task, babi))
         self.train_samples, self.validation_samples = split_babi(samples, validation_fraction)
         if background is None:
-            self.background: list[str] = []
+            sentences: list[str] = []
         elif isinstance(background, list):
-            self.background = background
+            sentences = background
         else:
-            self.background = load_background(background)
+            sentences = load_background(background)
         if lengths is None:
             lengths = [0]
             while lengths[-1] < max_tokens:
                 lengths.append(min(max(256, 2 * lengths[-1]), max_tokens))
-        if any(n > 0 for n in lengths) and not self.background:
+        if any(n > 0 for n in lengths) and not sentences:
             raise DataError(
                 f"BABILong lengths {lengths} need background books: give background=BOOKS "
                 "(data spec option ?books=PATH); only length 0 works without them"
@@ -249,6 +314,7 @@ class BabilongTask(SyntheticTask):
             batch_size, segment_len, threshold=threshold, window=window, mix=mix, **kwargs
         )
         self.curriculum = Curriculum(lengths, threshold=threshold, window=window, mix=mix)
+        self.background = TokenizedBackground(sentences, self.tokenizer) if sentences else []
 
     def _check_level(self, level: int) -> None:
         if level < 0:
@@ -258,7 +324,7 @@ class BabilongTask(SyntheticTask):
         pool = self.validation_samples if validation else self.train_samples
         sample = pool[int(rng.integers(0, len(pool)))]
         example = build_babilong_sample(sample, self.background, level, self.tokenizer, rng)
-        return _answer_row(example.input_ids, example.answer_ids)
+        return _answer_row(example.input_ids.tolist(), example.answer_ids)
 
     def eval_batch(self, level: int, n_rows: int, index: int = 0) -> Batch:
         """Samples from the validation stories at a length."""
@@ -279,6 +345,7 @@ __all__ = [
     "BabilongExample",
     "BabilongTask",
     "IGNORE_INDEX",
+    "TokenizedBackground",
     "babi_file",
     "build_babilong_sample",
     "load_babi",

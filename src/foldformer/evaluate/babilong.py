@@ -62,16 +62,22 @@ def build_eval_samples(
     n_samples: int,
     tokenizer,
     seed: int = 0,
+    exact: bool = False,
 ) -> dict[int, list]:
     """{length: [BabilongExample, ...]}: the same `n_samples` bAbI questions at every length,
-    each built with its own seeded generator (reproducible, independent of the other lengths)."""
-    from foldformer.data.babilong import build_babilong_sample
+    each built with its own seeded generator (reproducible, independent of the other lengths).
+    exact: every prompt of a length has exactly that many tokens (`build_babilong_sample`), so
+    one length is one batch."""
+    from foldformer.data.babilong import TokenizedBackground, build_babilong_sample
 
     if n_samples > len(babi_samples):
         raise EvaluationError(
             f"--samples {n_samples}: the bAbI split has only {len(babi_samples)} questions"
         )
     chosen = np.random.default_rng(seed).choice(len(babi_samples), n_samples, replace=False)
+    if isinstance(background, list) and background and any(n > 0 for n in lengths):
+        # tokenized once for all samples
+        background = TokenizedBackground(background, tokenizer)
     return {
         length: [
             build_babilong_sample(
@@ -80,6 +86,7 @@ def build_eval_samples(
                 length,
                 tokenizer,
                 np.random.default_rng([seed, length, i]),
+                exact=exact,
             )
             for i, index in enumerate(chosen)
         ]
@@ -111,9 +118,11 @@ def evaluate_babilong(
         for indices in by_length.values():
             for start in range(0, len(indices), batch_size):
                 rows = indices[start : start + batch_size]
-                ids = torch.tensor([items[i].input_ids for i in rows], device=device)
+                # on the host: ingest moves one chunk at a time to the device
+                ids = torch.from_numpy(np.stack([items[i].input_ids for i in rows]))
                 state = ingest(model, ids[:, :-1], cuda_graph=cuda_graph)
-                generated = greedy_generate(model, ids[:, -1:], max_new_tokens, memory=state)
+                last = ids[:, -1:].to(device=device, dtype=torch.long)
+                generated = greedy_generate(model, last, max_new_tokens, memory=state)
                 for row, i in enumerate(rows):
                     text = tokenizer.decode(generated[row].tolist())
                     outputs[i] = {
@@ -193,7 +202,8 @@ def babilong_command(args) -> int:
     path = babi_file(args.task, args.babi)
     _, held_out = split_babi(load_babi(path))
     background = load_background(args.books)
-    examples = build_eval_samples(held_out, background, lengths, args.samples, tokenizer, args.seed)
+    examples = build_eval_samples(held_out, background, lengths, args.samples, tokenizer, args.seed,
+                                  exact=args.exact)  # fmt: skip
     cells = evaluate_babilong(model, tokenizer, examples, args.max_new_tokens, args.batch_size,
                               cuda_graph=args.cuda_graph)  # fmt: skip
     config = eval_config(
@@ -206,6 +216,7 @@ def babilong_command(args) -> int:
         samples=args.samples,
         seed=args.seed,
         split="held-out stories (last 10%)",
+        exact=args.exact,
         dtype=args.dtype,
     )
     out = Path(args.out)
@@ -238,6 +249,12 @@ def add_arguments(parser) -> None:
         "--cuda-graph",
         action="store_true",
         help="on a GPU, replay a captured CUDA graph per chunk of folds (same answers, faster)",
+    )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="fill every prompt to exactly its length (a cut sentence before the question, the "
+        "books repeated if too short), so a length's samples form one batch",
     )
     parser.add_argument("--seed", type=int, default=0)
 
