@@ -12,6 +12,7 @@ from foldformer.generate import (
     Engine,
     SamplingConfig,
     TextDecoder,
+    chunk_starts,
     read_context,
     sample_next,
 )
@@ -298,6 +299,18 @@ def test_cuda_graph_option_reads_like_eager_on_a_cpu():
     for name, tensor in plain.memory.state_dict().items():
         assert torch.equal(other.memory.state_dict()[name], tensor), name
     assert graphed._graphs == {}
+
+
+def test_a_read_continued_mid_fold_is_cut_into_chunks_that_each_read_something():
+    """With cuda_graph, a read continued p tokens into a fold goes to the fold's end first
+    when chunks are whole folds (the rest replay a graph); any other chunk size keeps its
+    plain chunks. A fold longer than the chunk (the unfolded model: w = 1e9 > 2048) gave a
+    negative first cut, then an empty chunk: "input_ids is empty", or tokens read twice."""
+    assert chunk_starts(40, 16, 3, 8) == [0, 13, 29]  # 3 + 13 = 16: whole folds from there
+    assert chunk_starts(40, 16, 0, 8) == [0, 16, 32]
+    assert chunk_starts(5, 16, 3, 8) == [0]
+    assert chunk_starts(3000, 2048, 3000, FULL_ATTENTION_SEGMENT) == [0, 2048]  # was 0, -952, 1096
+    assert chunk_starts(40, 16, 16, 32) == [0, 16, 32]  # was 0, 0, 16, 32: an empty chunk
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -105,11 +105,8 @@ def ingest(
         return memory
     bar = tqdm(total=T, unit="tok", unit_scale=True, desc="ingest", disable=not progress)
     cuda_graph = cuda_graph and device.type == "cuda" and hasattr(model, "read")
-    graph, starts = None, range(0, T, chunk_size)
-    if cuda_graph and memory is not None and memory.tokens_in_segment():
-        # a stream stopped mid-fold reads to the fold's end first, so the chunks after it are
-        # whole folds a graph can replay
-        starts = [0, *range(chunk_size - memory.tokens_in_segment(), T, chunk_size)]
+    p = memory.tokens_in_segment() if cuda_graph and memory is not None else 0
+    graph, starts = None, chunk_starts(T, chunk_size, p, getattr(model.config, "segment_len", 0))
     for start, end in zip(starts, [*starts[1:], T], strict=True):
         chunk = ids[:, start:end].to(device=device, dtype=torch.long)
         if graph is None and cuda_graph and ChunkGraph.applies(model, chunk, memory, chunk_size):
@@ -123,6 +120,15 @@ def ingest(
         bar.update(chunk.shape[1])
     bar.close()
     return memory
+
+
+def chunk_starts(T: int, chunk_size: int, p: int, w: int) -> list[int]:
+    """Where `ingest`'s chunks of a T-token read start. A stream stopped p tokens into a fold,
+    read in chunks of whole folds (a CUDA graph's), reads to the fold's end first, so the
+    chunks after it are whole folds a graph can replay; other chunk sizes never replay one
+    (and chunk_size - p may not be positive), so they keep plain steps of chunk_size."""
+    first = chunk_size - p if p and chunk_size % w == 0 else chunk_size
+    return [0, *range(first, T, chunk_size)]
 
 
 class ChunkGraph:
