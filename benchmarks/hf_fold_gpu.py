@@ -180,8 +180,11 @@ def main() -> None:
     fine_tunes = {rows[k]["tokens"] for k in ("unfolded_continued", "pretrained_folded",
                                               "pretrained_rmt") if k in rows}  # fmt: skip
     scratch = rows.get("scratch_folded", {}).get("tokens")
-    # tokens of pretraining plus fine-tuning: PRE_STEPS + FT_STEPS steps at the same tokens a step
-    planned = (PRE_STEPS + FT_STEPS) * ROWS * WINDOW
+    # tokens of pretraining plus fine-tuning: as trained here, else as planned (PRE_STEPS +
+    # FT_STEPS steps at the same tokens a step) for a scratch-only rerun
+    planned = rows.get("pretrained_folded", {}).get(
+        "tokens_with_pretraining", (PRE_STEPS + FT_STEPS) * ROWS * WINDOW
+    )
     summary = {
         "what": "issue 15 item 4: a Llama-shaped decoder pretrained here (full attention), "
         "folded and fine-tuned with BPTT, against the unfolded decoder, the RMT wrapping and "

@@ -110,7 +110,10 @@ def ingest(
     for start, end in zip(starts, [*starts[1:], T], strict=True):
         chunk = ids[:, start:end].to(device=device, dtype=torch.long)
         if graph is None and cuda_graph and ChunkGraph.applies(model, chunk, memory, chunk_size):
-            graph = ChunkGraph.reuse(graphs, model, chunk, memory)
+            try:  # found out in the warm-up, before anything is captured
+                graph = ChunkGraph.reuse(graphs, model, chunk, memory)
+            except GraphUnsupported:
+                cuda_graph = False  # the same state, read eagerly
         if graph is not None and chunk.shape[1] == chunk_size:
             memory = graph(chunk)
         else:
@@ -129,6 +132,10 @@ def chunk_starts(T: int, chunk_size: int, p: int, w: int) -> list[int]:
     (and chunk_size - p may not be positive), so they keep plain steps of chunk_size."""
     first = chunk_size - p if p and chunk_size % w == 0 else chunk_size
     return [0, *range(first, T, chunk_size)]
+
+
+class GraphUnsupported(ValueError):
+    """A model whose streaming state cannot be replayed by a fixed CUDA graph."""
 
 
 class ChunkGraph:
@@ -150,7 +157,10 @@ class ChunkGraph:
             and hasattr(model, "read")
             and chunk.shape[1] == chunk_size
             and chunk_size % w == 0
-            and (memory is None or memory.tokens_in_segment() == 0)
+            # a fresh stream's first chunk runs eagerly: some states gain fields after it (a
+            # sliding window's keys, a peer's state), and a graph needs a fixed layout
+            and memory is not None
+            and memory.tokens_in_segment() == 0
         )
 
     @classmethod
@@ -192,7 +202,7 @@ class ChunkGraph:
         _, new = self.model.read(self.model.inputs(self.ids), self.state, None, 0, False)
         new_tensors = new.state_dict()
         if new_tensors.keys() != self.start.keys():
-            raise ValueError("the state's fields change from chunk to chunk: no CUDA graph")
+            raise GraphUnsupported("the state's fields change from chunk to chunk")
         self._load(new_tensors)
 
     def _load(self, tensors: dict[str, Tensor]) -> None:
@@ -735,7 +745,10 @@ class Engine:
     ) -> ContextState:
         """Continue `context` (None: a fresh stream) with text (or token ids)."""
         ids = self.tokenizer.encode(text) if isinstance(text, str) else text
-        if not (self.cuda_graph and self.device.type == "cuda"):
+        chunk = self.chunk_size or default_chunk_size(self.model)
+        n = ids.shape[-1] if isinstance(ids, Tensor) else len(ids)
+        if not (self.cuda_graph and self.device.type == "cuda" and n > chunk):
+            # (a read shorter than two chunks replays no graph: it takes no lock either)
             return read_context(self.model, ids, context, self.chunk_size, progress)
         with self._graph_lock:
             return read_context(self.model, ids, context, self.chunk_size, progress, True,
