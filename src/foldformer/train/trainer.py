@@ -13,6 +13,7 @@ stepped, gradients zeroed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import json
 import random
@@ -444,12 +445,17 @@ def train(
     """Train a model as `run` says; returns a summary (final losses, tokens, time). See
     `Trainer` for the arguments."""
     owns_group = not dist.is_initialized()  # a group the caller made stays the caller's
+    trainer = None
     try:
-        return Trainer(run, out_dir, resume, batch_source, allow_config_change).train()
+        trainer = Trainer(run, out_dir, resume, batch_source, allow_config_change)
+        return trainer.train()
     finally:
         # Left to the interpreter's exit, gloo's threads now and then abort the process
-        # ("terminate called without an active exception") after a finished run.
+        # ("terminate called without an active exception") after a finished run. The DDP or
+        # FSDP2 wrappers hold the group too: they go first, so destroying it frees it here.
         if owns_group and dist.is_initialized():
+            del trainer
+            gc.collect()
             dist.destroy_process_group()
 
 
