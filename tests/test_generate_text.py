@@ -338,3 +338,25 @@ def test_cuda_graph_engine_reads_like_eager_and_captures_once():
         e.complete(["?"], [s], config)[0].token_ids for e, s in zip(engines, states, strict=True)
     ]
     assert answers[0] == answers[1]
+
+
+def test_a_cancelled_row_ends_and_the_others_answer_as_alone():
+    """cancelled(row) ends that row at the next step ("cancelled"); the batch's other rows
+    give exactly their answers alone."""
+    engine = make_engine()
+    contexts = [engine.read("abcd" * 3), engine.read("wxyz" * 3)]  # one phase: one batch
+    config = SamplingConfig(max_new_tokens=40, temperature=0.0, stop_at_eod=False)
+    steps = {"row 0": 0}
+
+    def cancelled(row: int) -> bool:
+        if row == 0:
+            steps["row 0"] += 1
+        return row == 0 and steps["row 0"] > 5
+
+    stream = engine.stream_batch([" Q", " Q"], contexts, config, cancelled=cancelled)
+    for _ in stream:
+        pass
+    first, second = stream.completions
+    assert first.finish_reason == "cancelled" and len(first.token_ids) == 5
+    (alone,) = engine.complete([" Q"], [contexts[1]], config)
+    assert second.finish_reason == "length" and second.token_ids == alone.token_ids

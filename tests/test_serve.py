@@ -374,24 +374,40 @@ def test_gpu_serving_script_runs_at_toy_size_on_a_cpu(tmp_path):
 
 
 def test_a_client_gone_mid_stream_stops_its_decoding(engine, tmp_path):
-    """A streamed answer of up to 3,000 tokens whose client hangs up after the first pieces:
-    the server stops decoding it (decode steps far below 3,000) and commits nothing."""
+    """A streamed answer of up to 3,000 tokens whose client hangs up after the first pieces,
+    batched with another session's short answer: the server stops decoding the abandoned row
+    (decode steps far below 3,000) and commits nothing; the other answer is its answer alone."""
     limits = Limits(max_body_bytes=20000, max_text_chars=5000, max_new_tokens=3000)
-    app = create_app(engine, SessionStore(tmp_path / "s.sqlite"), "tiny", limits)
+    app = create_app(engine, SessionStore(tmp_path / "s.sqlite"), "tiny", limits,
+                     batching=Batching(window_ms=500, max_batch=2))  # fmt: skip
     ask = {"prompt": " Q:", "max_new_tokens": 3000, "temperature": 0, "stop_at_eod": False,
            "stream": True, "commit": True}  # fmt: skip
+    other = {"prompt": " Q:", "max_new_tokens": 16, "temperature": 0, "stop_at_eod": False}
     with serving(app) as base, httpx.Client(base_url=base, timeout=60) as client:
-        sid = client.post("/v1/sessions", json={"text": "Some context."}).json()["id"]
-        with client.stream("POST", f"/v1/sessions/{sid}/generate", json=ask) as response:
-            lines = response.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
+        sids = [client.post("/v1/sessions", json={"text": t}).json()["id"]
+                for t in ("Some context.", "Other text.")]  # fmt: skip
+
+        def hang_up() -> None:
+            with client.stream("POST", f"/v1/sessions/{sids[0]}/generate", json=ask) as r:
+                assert next(line for line in r.iter_lines() if line.startswith("data: "))
+
+        with ThreadPoolExecutor(2) as pool:
+            gone = pool.submit(hang_up)
+            answer = pool.submit(client.post, f"/v1/sessions/{sids[1]}/generate", json=other)
+            gone.result()
+            answer = answer.result().json()["text"]
         steps, deadline = -1, time.time() + 30
         while time.time() < deadline:  # until the count stops moving
             time.sleep(0.5)
-            rows = client.get("/healthz").json()["batching"]["decode_step_rows"]
+            stats = client.get("/healthz").json()["batching"]
+            rows = stats["decode_step_rows"]
             if (now := sum(int(n) * k for n, k in rows.items())) == steps:
                 break
             steps = now
-        tokens = client.get(f"/v1/sessions/{sid}").json()["tokens"]
-    assert 0 < steps < 1000, steps
+        tokens = client.get(f"/v1/sessions/{sids[0]}").json()["tokens"]
+    assert stats["batch_rows"] == {"2": 1}, stats  # the two answers ran as one batch
+    assert 16 <= steps < 1000, steps
     assert tokens == len("Some context.")  # the abandoned answer was not committed
+    fields = {k: v for k, v in other.items() if k != "prompt"}
+    (alone,) = engine.complete([" Q:"], [engine.read("Other text.")], SamplingConfig(**fields))
+    assert answer == alone.text

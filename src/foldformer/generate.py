@@ -31,7 +31,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -654,7 +654,8 @@ class TextDecoder:
 @dataclass
 class Completion:
     """One finished generation: its text, why it ended ("stop": end of document or a stop
-    string; "length": max_new_tokens), the ids read and generated, and the context after it
+    string; "length": max_new_tokens; "cancelled": its caller said it was no longer wanted),
+    the ids read and generated, and the context after it
     (the prompt and every generated id read) for a caller that keeps it."""
 
     text: str
@@ -790,16 +791,19 @@ class Engine:
         prompts: list[str],
         contexts: list[ContextState | None] | None = None,
         config: SamplingConfig | list[SamplingConfig] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> TextStream:
         """Answers to many prompts, each continuing its own context (None: a fresh stream),
-        with one sampling config for all or one per prompt, as (row, piece) pairs."""
+        with one sampling config for all or one per prompt, as (row, piece) pairs.
+        cancelled(row), asked before every decode step: True ends that row there (finish
+        reason "cancelled"; a server's client that went away) while the others go on."""
         contexts = contexts or [None] * len(prompts)
         if not isinstance(config, list):
             config = [config or SamplingConfig()] * len(prompts)
         for what, values in (("contexts", contexts), ("configs", config)):
             if len(values) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(values)} {what}")
-        return TextStream(self._generate(prompts, contexts, config), rows=True)
+        return TextStream(self._generate(prompts, contexts, config, cancelled), rows=True)
 
     def complete(
         self,
@@ -813,7 +817,7 @@ class Engine:
             pass
         return stream.completions
 
-    def _generate(self, prompts, contexts, configs):
+    def _generate(self, prompts, contexts, configs, cancelled=None):
         """Yields (row, text piece) as they come; returns the completions.
 
         Rows share a forward call only where their streams sit at the same phase
@@ -832,7 +836,7 @@ class Engine:
             batches.setdefault(self.model.stream_phase(context.tokens + len(ids) - 1), []).append(i)
         results: list[Completion | None] = [None] * len(rows)
         for members in batches.values():
-            done = yield from self._run_batch({i: rows[i] for i in members}, configs)
+            done = yield from self._run_batch({i: rows[i] for i in members}, configs, cancelled)
             for i, completion in done.items():
                 results[i] = completion
         return results
@@ -874,7 +878,7 @@ class Engine:
         decoder.remember([rows[i][1] for i in order])
         return decoder, order
 
-    def _run_batch(self, rows: dict, configs: list):
+    def _run_batch(self, rows: dict, configs: list, cancelled=None):
         """Decode `rows` {index: (context, prompt ids)} as one batch: yields (index, piece),
         returns {index: Completion}."""
         decoder, active = self._prefill(rows, configs)
@@ -886,6 +890,8 @@ class Engine:
             for pos, i in enumerate(active):  # rows that end here keep the decoder's state
                 if i not in ends and new_tokens == configs[i].max_new_tokens:
                     ends[i] = ("length", texts[i].ids)
+                if i not in ends and cancelled is not None and cancelled(i):
+                    ends[i] = ("cancelled", texts[i].ids)
                 if i not in ends:
                     going.append(pos)
                     continue

@@ -40,7 +40,7 @@ def default_window_ms(device: torch.device) -> float:
 class Job:
     """One request's prompts; `pieces` (for a streaming request) gets (index, text) as they
     come and None at the end; `done` its completions. `gone` is set when its client went away
-    (`abandon`): a batch whose every job is gone stops decoding at the next token."""
+    (`abandon`): its rows stop decoding at the next step, the rest of the batch goes on."""
 
     prompts: list[str]
     contexts: list[ContextState | None]
@@ -129,12 +129,6 @@ class Batcher:
                 if job.pieces is not None:
                     job.pieces.put_nowait(None)
             return
-        if completions is None:  # every client went away mid-answer: nobody to answer
-            for job in jobs:
-                job.done.cancel()
-                if job.pieces is not None:
-                    job.pieces.put_nowait(None)
-            return
         start = 0
         for job in jobs:
             if not job.done.done():  # a client that went away cancelled its future
@@ -143,14 +137,15 @@ class Batcher:
             if job.pieces is not None:
                 job.pieces.put_nowait(None)
 
-    def _decode(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> list[Completion] | None:
-        """In a worker thread: one batch of every job's rows; pieces go to the event loop.
-        None if every job was abandoned before the end (the rest of the answers not made)."""
+    def _decode(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> list[Completion]:
+        """In a worker thread: one batch of every job's rows; pieces go to the event loop. The
+        rows of a job whose client went away end at the next step ("cancelled")."""
         owners = [(job, k) for job in jobs for k in range(len(job.prompts))]
         stream = self.engine.stream_batch(
             [p for job in jobs for p in job.prompts],
             [c for job in jobs for c in job.contexts],
             [job.config for job, _ in owners],
+            cancelled=lambda row: owners[row][0].gone.is_set(),
         )
         self._decoding.on = True
         try:
@@ -158,8 +153,6 @@ class Batcher:
                 job, k = owners[row]
                 if job.pieces is not None:
                     loop.call_soon_threadsafe(job.pieces.put_nowait, (k, piece))
-                if all(job.gone.is_set() for job in jobs):
-                    return None
         finally:
             self._decoding.on = False
         return stream.completions
