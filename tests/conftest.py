@@ -57,6 +57,11 @@ def assert_streams_like_one_call(model, ids: torch.Tensor) -> None:
         torch.testing.assert_close(rest, whole.logits[[2, 0, 1], 6:], rtol=0, atol=1e-10)
 
 
+def flat_grads(model) -> torch.Tensor:
+    """Every parameter's gradient, flattened into one vector (parameters without one left out)."""
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
 def embedding_grads(model, ids: torch.Tensor, bptt: int = 0) -> torch.Tensor:
     """Per-segment gradient norm of the last segment's loss w.r.t. the token embeddings."""
     embed = model.embed if hasattr(model, "embed") else model.net.token_emb  # peers: net.token_emb

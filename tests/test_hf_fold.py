@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 import foldformer
-from conftest import assert_streams_like_one_call, embedding_grads
+from conftest import assert_streams_like_one_call, embedding_grads, flat_grads
 from foldformer.cli import console
 from foldformer.config import ConfigError
 from foldformer.models import build_model, load_model
@@ -124,9 +124,7 @@ def test_checkpointing_and_chunked_loss_give_the_same_gradients(wrap):
         out = model(ids, labels=ids, checkpoint=checkpoint, return_logits=return_logits)
         out.loss.backward()
         losses.append(out.loss)
-        grads.append(
-            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        )
+        grads.append(flat_grads(model))
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-12)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_streams_like_one_call, embedding_grads
+from conftest import assert_streams_like_one_call, embedding_grads, flat_grads
 from foldformer.config import ConfigError, FoldedConfig
 from foldformer.models import build_model, load_model
 from foldformer.variants.peers import PEERS, peer_available
@@ -136,9 +136,7 @@ def test_per_segment_checkpointing_and_chunked_loss_give_the_same_gradients(name
         assert (out.logits is None) != return_logits
         out.loss.backward()
         losses.append(out.loss)
-        grads.append(
-            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        )
+        grads.append(flat_grads(model))
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-12)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
 
