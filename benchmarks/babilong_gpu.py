@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -76,15 +75,6 @@ SMOKE_SET = {
     "train.log_every": "1",
     "train.device": "cpu",
 }
-
-
-def machine() -> dict:
-    import torch
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"gpu": gpu, "gpu_count": torch.cuda.device_count(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}  # fmt: skip
 
 
 def base_overrides(args) -> dict[str, str]:
@@ -302,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    import torch
+
     from foldformer.evaluate.common import parse_list, print_table, wilson_interval
+    from foldformer.evaluate.records import hardware
     from foldformer.variants.baselines import BASELINES
 
     started = time.time()
@@ -374,7 +367,7 @@ def run(args) -> int:
         "worker_command": f"{sys.executable} {__file__} --worker JOB.json (one per model, task)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": time.time() - started,
-        "hardware": machine(),
+        "hardware": hardware("cuda" if torch.cuda.is_available() else "cpu"),
         "seed": args.seed,
         "smoke": args.smoke,
         "target_parameters": target,
