@@ -30,21 +30,10 @@ from foldformer import __version__
 from foldformer.data.passkey import build_passkey_prompt
 from foldformer.data.tokenizers import ByteTokenizer
 from foldformer.explain import HORIZON_SHARES, explain
+from foldformer.generate import greedy_generate
 from foldformer.models import load_model
 
 DIGITS, FILLER = "0123456789", "abcdefghijklmnop"
-
-
-@torch.no_grad()
-def greedy(model, ids: list[int], n_tokens: int) -> list[int]:
-    out = model(torch.tensor([ids]))
-    token = out.logits[:, -1].argmax(-1)
-    answer, memory = [int(token)], out.memory
-    for _ in range(n_tokens - 1):
-        step = model.step(token, memory)
-        token, memory = step.logits.argmax(-1), step.memory
-        answer.append(int(token))
-    return answer
 
 
 def measure(model, ids: list[int], key: range, answer: list[int], gate: str) -> dict:
@@ -55,7 +44,7 @@ def measure(model, ids: list[int], key: range, answer: list[int], gate: str) -> 
         "uniform_share": len(key) / len(ids),  # what a flat amplitude would put there
         "initial_memory": record.initial_memory,
         **{f"horizon_{round(100 * s)}": record.horizon(s) for s in HORIZON_SHARES},
-        "correct": greedy(model, ids, len(answer)) == answer,
+        "correct": greedy_generate(model, ids, len(answer))[0].tolist() == answer,
     }
 
 
