@@ -153,18 +153,28 @@ def worker(job_path: Path) -> None:
         (log_dir / "result.tmp").write_text(json.dumps(result, indent=1))
         (log_dir / "result.tmp").replace(log_dir / "result.json")
 
-    t0 = time.time()
-    trainer = Trainer(RunConfig.from_dict(job["run"]), work / "run")
-    result["train"] = trainer.train()
-    result["train"]["seconds"] = time.time() - t0
-    result["train"]["level"] = trainer.source.level  # the curriculum's length at the end
+    model_dir = work / "run" / "final"
+    if job.get("trained"):  # --trained: evaluate a model of an earlier call, train nothing
+        model_dir = Path(job["trained"])
+        result["train"] = {"trained": str(model_dir)}
+    else:
+        t0 = time.time()
+        trainer = Trainer(RunConfig.from_dict(job["run"]), work / "run")
+        result["train"] = trainer.train()
+        result["train"]["seconds"] = time.time() - t0
+        result["train"]["level"] = trainer.source.level  # the curriculum's length at the end
+        for name in ("run_config.json", "metrics.jsonl", "summary.json"):
+            if (work / "run" / name).is_file():
+                shutil.copy(work / "run" / name, log_dir / name)
+        if job.get("keep_model"):  # weights and config only (a few MB): no optimizer state
+            (log_dir / "model").mkdir()
+            for path in model_dir.iterdir():
+                if path.suffix in (".json", ".safetensors"):
+                    shutil.copy(path, log_dir / "model" / path.name)
     save()
-    for name in ("run_config.json", "metrics.jsonl", "summary.json"):
-        if (work / "run" / name).is_file():
-            shutil.copy(work / "run" / name, log_dir / name)
 
     device = job["run"]["train"]["device"]
-    model, tokenizer = load_checkpoint(work / "run" / "final", device)
+    model, tokenizer = load_checkpoint(model_dir, device)
     result["parameters"] = int(model.num_parameters(non_embedding=True))
     _, held_out = split_babi(load_babi(babi_file(job["task"], job["babi"])))
     background = TokenizedBackground(load_background(f"{job['pg']}?split=validation"), tokenizer)
@@ -259,6 +269,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deadline", type=float, default=450.0, help="seconds from the start")
     parser.add_argument("--init", help="the folded model starts from this model's weights")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--keep-models", action="store_true",
+                        help="pack each trained model's weights and config into the logs")
+    parser.add_argument("--trained", help="evaluate the models of an earlier call (its "
+                        "unpacked babilong_logs folder: MODEL_TASK/model), training nothing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="/tmp/babilong_runs", help="checkpoints (not in OUT)")
     parser.add_argument("--smoke", action="store_true", default=SMOKE, help="CPU, toy sizes")
@@ -275,7 +289,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [n for n in names if n not in known]
         if unknown:
             parser.error(f"--{kind}s: unknown {unknown}; known: {', '.join(known)}")
-    for path in (args.pg, args.babi):
+    for path in (args.pg, args.babi) + ((args.trained,) if args.trained else ()):
         if not Path(path).exists():
             parser.error(f"{path!r} does not exist")
     if args.samples < 1:
@@ -330,6 +344,11 @@ def run(args) -> int:
                    "lengths": lengths, "samples": args.samples, "seed": args.seed,
                    "deadline": started + args.deadline, "work": str(work / key),
                    "log_dir": str(logs / key)}  # fmt: skip
+            job["keep_model"] = args.keep_models
+            if args.trained:
+                job["trained"] = str(Path(args.trained) / key / "model")
+                if not Path(job["trained"], "config.json").is_file():
+                    raise SystemExit(f"error: --trained {args.trained}: no {key}/model/config.json")
             (logs / key / "job.json").write_text(json.dumps(job, indent=1))
             command = [sys.executable, __file__, "--worker", str(logs / key / "job.json")]
             with open(logs / key / "log.txt", "w") as log:

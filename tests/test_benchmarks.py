@@ -404,3 +404,43 @@ def test_babilong_gpu_smoke_trains_evaluates_and_packs(tmp_path, capsys):
     assert "babilong_logs/folded_qa1/metrics.jsonl" in names
     assert not any(n.endswith(".safetensors") for n in names)
     assert "folded" in capsys.readouterr().out
+
+
+def test_babilong_gpu_keeps_models_and_evaluates_them_again_without_training(tmp_path):
+    """--keep-models packs each trained model's weights (not its optimizer state) in the logs;
+    --trained on the unpacked logs evaluates the same model again, training nothing, with the
+    same answers (so a later call can run the long lengths of an earlier call's models)."""
+    import io
+    import tarfile
+
+    from foldformer.data.text import PG_VALIDATION_AUTHORS
+
+    babilong = load("babilong_gpu")
+    archive = tmp_path / "pg.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        for author in ("austen-jane", *PG_VALIDATION_AUTHORS):
+            text = " ".join(f"A {author} book, sentence {j}, is long enough." for j in range(60))
+            info = tarfile.TarInfo(f"pg/{author}/book.txt")
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    babi = str(Path(__file__).resolve().parent / "fixtures" / "babi")
+    common = ["--smoke", "--pg", str(archive), "--babi", babi, "--minutes", "0.05",
+              "--lengths", "0,300", "--samples", "4", "--work", str(tmp_path / "w"),
+              "--models", "folded"]  # fmt: skip
+    first = tmp_path / "first"
+    assert babilong.main([*common, "--out", str(first), "--keep-models"]) == 0
+    with tarfile.open(first / "babilong_logs.tar.gz") as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert "babilong_logs/folded_qa1/model/model.safetensors" in names
+    assert not any("optim" in n for n in names)
+    again = tmp_path / "again"
+    trained = str(tmp_path / "unpacked" / "babilong_logs")
+    assert babilong.main([*common, "--out", str(again), "--trained", trained]) == 0
+    (before,) = json.loads((first / "babilong.json").read_text())["results"]
+    (after,) = json.loads((again / "babilong.json").read_text())["results"]
+    assert after["train"] == {"trained": f"{trained}/folded_qa1/model"}
+    assert [c["examples"] for c in after["cells"]] == [c["examples"] for c in before["cells"]]
+    assert [c["correct"] for c in after["cells"]] == [c["correct"] for c in before["cells"]]
+    with pytest.raises(SystemExit, match="no folded_qa1/model/config.json"):
+        babilong.main([*common, "--out", str(tmp_path / "bad"), "--trained", str(tmp_path)])
