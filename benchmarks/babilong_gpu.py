@@ -269,10 +269,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deadline", type=float, default=450.0, help="seconds from the start")
     parser.add_argument("--init", help="the folded model starts from this model's weights")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--keep-models", action="store_true",
-                        help="pack each trained model's weights and config into the logs")
-    parser.add_argument("--trained", help="evaluate the models of an earlier call (its "
-                        "unpacked babilong_logs folder: MODEL_TASK/model), training nothing")
+    parser.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="pack each trained model's weights and config into the logs",
+    )
+    parser.add_argument(
+        "--trained",
+        help="evaluate the models of an earlier call (its "
+        "unpacked babilong_logs folder: MODEL_TASK/model), training nothing",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="/tmp/babilong_runs", help="checkpoints (not in OUT)")
     parser.add_argument("--smoke", action="store_true", default=SMOKE, help="CPU, toy sizes")
