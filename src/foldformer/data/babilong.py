@@ -271,7 +271,7 @@ class BabilongTask(SyntheticTask):
     """BABILong samples as a training batch source, with a curriculum over length.
 
     Levels are prompt lengths in tokens (`lengths`, default 0, 256, 512, … up to max_tokens);
-    the model is trained to produce the answer after "Answer:" (labels on the answer only).
+    the model is trained to produce the answer and a "." after "Answer:" (labels on those only).
     Samples come from the training split of the bAbI file (see `split_babi`).
     """
 
@@ -324,7 +324,11 @@ class BabilongTask(SyntheticTask):
         pool = self.validation_samples if validation else self.train_samples
         sample = pool[int(rng.integers(0, len(pool)))]
         example = build_babilong_sample(sample, self.background, level, self.tokenizer, rng)
-        return _answer_row(example.input_ids.tolist(), example.answer_ids)
+        # The answer ends with a labelled "." (as PasskeyTask's key): with labels on the word
+        # alone nothing teaches the model to stop, greedy decoding runs on (" officennnn") and
+        # the first word is wrong although the model found the answer.
+        stop = list(self.tokenizer.encode("."))
+        return _answer_row(example.input_ids.tolist(), example.answer_ids + stop)
 
     def eval_batch(self, level: int, n_rows: int, index: int = 0) -> Batch:
         """Samples from the validation stories at a length."""
