@@ -273,3 +273,41 @@ def test_data_spec_errors(tmp_path, monkeypatch):
         build_batch_source([str(tmp_path), "synthetic:copy"], tok, 2, 16, 8)
     source = build_batch_source("synthetic:recall?key_len=2&n_folds=2&max_folds=8", tok, 2, 16, 8)
     assert isinstance(source, RecallTask) and source.curriculum.levels == [2, 4, 8]
+
+
+def test_uniform_mix_draws_every_fold_count_not_only_curriculum_levels():
+    """`uniform=true`: a mixed-in batch has any fold count from the first level up to the
+    current one (the passkey read-out trained at 1, 2, 4, … folds answered only at those
+    counts); without it only lower curriculum levels. The current level is unchanged."""
+    spec = "synthetic:passkey?n_folds=1&max_folds=64&mix=0.5"
+    levels = {}
+    for uniform in (False, True):
+        source = build_batch_source(spec + f"&uniform={str(uniform).lower()}", tok,
+                                    batch_size=1, seq_len=128, segment_len=128)  # fmt: skip
+        assert source.uniform is uniform
+        source.set_folds(32)
+        drawn = [source._batch_level() for source.batches in range(400)]
+        assert drawn.count(32) > 120  # about half the batches stay at the current level
+        levels[uniform] = set(drawn)
+    assert levels[False] <= {1, 2, 4, 8, 16, 32}
+    assert levels[True] == set(range(1, 33))  # every count, the current one included
+    # a prompt at a non-level count is that many folds long (within one filler sentence)
+    source = build_batch_source(spec + "&uniform=true", tok, 1, 128, segment_len=128)
+    assert abs(len(source.make_row(np.random.default_rng(0), 23).ids) - 23 * 128) < 32
+
+
+def test_key_recall_mix_is_the_uniform_mix_it_always_had():
+    """KeyRecallTask's own rule (half the batches at a uniform shorter distance) is now the
+    shared `uniform` mix: the same levels, batch by batch, as the rule it replaced."""
+    from foldformer.demo import KeyRecallTask
+
+    task = KeyRecallTask(4, 8, max_folds=64, seed=3)
+    task.set_folds(16)
+    for batch in range(300):
+        task.batches = batch
+        rng = np.random.default_rng([3, batch, 2**32 - 1])  # the replaced rule, verbatim
+        old = int(rng.integers(1, 16)) if rng.random() < 0.5 else 16
+        assert task._batch_level() == old
+    levels_only = KeyRecallTask(4, 8, max_folds=64, seed=3, uniform=False)
+    levels_only.set_folds(16)
+    assert {levels_only._batch_level() for levels_only.batches in range(300)} == {1, 2, 4, 8, 16}

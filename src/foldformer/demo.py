@@ -22,31 +22,43 @@ from foldformer.train import load_run_config, train
 class KeyRecallTask(SyntheticTask):
     """A 3-digit key opens the sample, random filler follows for `level` folds, then "?" asks
     for the key: "639kdpalgg…hmf?639". Half the batches are at the current curriculum level,
-    the rest at a uniformly random shorter distance (so short distances stay learned)."""
+    the rest at a uniformly random shorter distance (so short distances stay learned, and the
+    read-out sees every fold count: `uniform`); uniform=False draws them from the lower
+    curriculum levels only, 1, 2, 4, … folds. fixed_filler: the filler is the letters in order,
+    repeated, the same in every sample (as the passkey's repeated sentences) instead of random
+    (both for the ablation of docs/retrieval.md, "the fold counter")."""
 
     name = "key_recall"
 
-    def __init__(self, batch_size: int, segment_len: int, key_len: int = 3, **kwargs: Any):
-        self.key_len = key_len
+    def __init__(
+        self,
+        batch_size: int,
+        segment_len: int,
+        key_len: int = 3,
+        mix: float = 0.5,
+        uniform: bool = True,
+        fixed_filler: bool = False,
+        **kwargs: Any,
+    ):
+        self.key_len, self.fixed_filler = key_len, fixed_filler
         tokenizer = ByteTokenizer()
         self.digits = np.array(tokenizer.encode("0123456789"))
         self.filler = np.array(tokenizer.encode("abcdefghijklmnop"))
         self.query = tokenizer.encode("?")
-        super().__init__(batch_size, segment_len, tokenizer=tokenizer, **kwargs)
+        super().__init__(batch_size, segment_len, tokenizer=tokenizer, mix=mix, uniform=uniform,
+                         **kwargs)  # fmt: skip
 
     def make_row(self, rng: np.random.Generator, level: int) -> _Row:
         key = rng.choice(self.digits, self.key_len).tolist()
-        filler = rng.choice(self.filler, level * self.segment_len - self.key_len).tolist()
+        n = level * self.segment_len - self.key_len
+        if self.fixed_filler:  # "abcd…pabc…": the same filler every time, as the passkey's
+            filler = np.resize(self.filler, n).tolist()
+        else:
+            filler = rng.choice(self.filler, n).tolist()
         return _answer_row(key + filler + self.query, key)
 
     def distance_tokens(self, level: int) -> int:
         return level * self.segment_len  # from the key's first digit to the question
-
-    def _batch_level(self) -> int:
-        rng = np.random.default_rng([self.seed, self.batches, 2**32 - 1])
-        if self.level > 1 and rng.random() < 0.5:
-            return int(rng.integers(1, self.level))
-        return self.level
 
 
 # Distances in folds (= multiples of the window) at which recall is measured.

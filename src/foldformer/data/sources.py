@@ -3,7 +3,9 @@
     PATH[?options]                  text (files, dirs, .jsonl, .parquet, tar, hf:NAME): one
                                     TextStreams over all text specs given, tokenized and cached
     synthetic:recall[?options]      RecallTask  (options: key_len, n_pairs, n_folds, max_folds,
-                                    factor, threshold, window, mix)
+                                    factor, threshold, window, mix, uniform: mixed-in
+                                    batches at any fold count up to the level, not only
+                                    lower levels)
     synthetic:copy[?options]        CopyTask
     synthetic:passkey[?options]     PasskeyTask
     babilong:qa1[:BABI][?options]   BabilongTask; BABI is a bAbI directory or file (default:

@@ -173,6 +173,7 @@ class SyntheticTask:
         threshold: float = 0.95,
         window: int = 256,
         mix: float = 0.0,
+        uniform: bool = False,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -193,6 +194,10 @@ class SyntheticTask:
         self.curriculum = Curriculum.geometric(
             n_folds, max_folds, factor, threshold=threshold, window=window, mix=mix
         )
+        # uniform: a mixed-in batch has any number of folds from the first level up to the
+        # current one, not only a lower curriculum level. A read-out trained at 1, 2, 4, … folds
+        # only answers at those counts (docs/retrieval.md, "the fold counter").
+        self.uniform = bool(uniform)
         self.batches = 0
         self._check_level(self.curriculum.levels[0])
 
@@ -251,6 +256,8 @@ class SyntheticTask:
         if c.mix and c.index > 0:
             rng = np.random.default_rng([self.seed, self.batches, 2**32 - 1])
             if rng.random() < c.mix:
+                if self.uniform:
+                    return int(rng.integers(c.levels[0], c.level))
                 return c.levels[int(rng.integers(0, c.index))]
         return c.level
 
