@@ -53,7 +53,8 @@ def train_key_recall(args: argparse.Namespace, out: Path) -> tuple[torch.nn.Modu
         overrides.pop("gate_activation")
     run = load_run_config(preset="tiny", overrides=overrides)
     task = KeyRecallTask(run.train.batch_size, run.model["segment_len"],
-                         max_folds=args.max_folds, seed=args.seed, window=128)  # fmt: skip
+                         max_folds=args.max_folds, seed=args.seed, window=128,
+                         uniform=not args.levels_only, fixed_filler=args.fixed_filler)  # fmt: skip
     started = time.time()
     summary = train(run, out / "model", batch_source=task)
     summary["train_seconds"] = round(time.time() - started, 1)
@@ -122,6 +123,10 @@ def main() -> None:
     parser.add_argument("--memory_noise", type=float, default=0.0)
     parser.add_argument("--memory_fifo", action="store_true")
     parser.add_argument("--memory_write", action="store_true")
+    parser.add_argument("--levels-only", action="store_true", help="mixed-in batches at lower "
+                        "curriculum levels only (1, 2, 4, ... folds), not at any shorter distance")
+    parser.add_argument("--fixed-filler", action="store_true",
+                        help="the same filler in every sample (letters in order), not random")
     parser.add_argument("--max-folds", type=int, default=32)
     parser.add_argument("--eval-folds", type=int, default=1024)
     parser.add_argument("--follow-folds", type=int, default=256)
@@ -143,7 +148,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.model:
         model = load_model(args.model, device=args.device).eval()
-        task = KeyRecallTask(32, model.config.segment_len, max_folds=args.max_folds, seed=args.seed)
+        task = KeyRecallTask(32, model.config.segment_len, max_folds=args.max_folds, seed=args.seed,
+                             fixed_filler=args.fixed_filler)  # fmt: skip
     else:
         model, task = train_key_recall(args, out)
     distances = [2**i for i in range(args.eval_folds.bit_length()) if args.eval_min_folds <= 2**i]

@@ -444,3 +444,46 @@ def test_babilong_gpu_keeps_models_and_evaluates_them_again_without_training(tmp
     assert [c["correct"] for c in after["cells"]] == [c["correct"] for c in before["cells"]]
     with pytest.raises(SystemExit, match="no folded_qa1/model/config.json"):
         babilong.main([*common, "--out", str(tmp_path / "bad"), "--trained", str(tmp_path)])
+
+
+def test_passkey_trace_and_folds_ask_where_eval_passkey_asks(tmp_path):
+    """passkey_trace.py reads K prompts that differ only in their key and asks the question at
+    2^k and 1.5 * 2^k folds, exactly where the §6 prompt of that many folds asks it (its
+    accuracy there is evaluate_passkey's on those keys); the memory of a model with memory
+    depends on the key (spread > 0), a gate holding nothing changes every entry (held 0).
+    passkey_folds.py gives evaluate_passkey's accuracy by fold count."""
+    from foldformer.data.passkey import build_passkey_prompt
+    from foldformer.data.tokenizers import ByteTokenizer
+    from foldformer.evaluate.common import load_checkpoint
+    from foldformer.evaluate.passkey import is_correct
+    from foldformer.generate import greedy_generate
+    from foldformer.models import build_model
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    shape = dict(vocab_size=257, d_model=16, n_layers=1, n_heads=2, segment_len=64,
+                 memory_len=8)  # fmt: skip
+    build_model("folded", shape).save_pretrained(model_dir)
+    ByteTokenizer().save(model_dir)
+    trace = load("passkey_trace")
+    trace.main([str(model_dir), "--out", str(tmp_path / "trace.json"), "--keys", "3",
+                "--max-tokens", "800", "--trained", "256"])  # fmt: skip
+    record = json.loads((tmp_path / "trace.json").read_text())
+    rows = record["checkpoints"]
+    assert [r["folds"] for r in rows] == [2, 3, 4, 6, 8, 12]
+    assert [r["level"] for r in rows] == [True, False, True, False, True, False]
+    assert all(r["key_spread"] > 0 for r in rows)  # the keys differ, so do the memories
+    assert all(r["held"] == 0.0 for r in rows[1:])  # no gate: the whole memory moves
+    model, tok = load_checkpoint(model_dir, "cpu")
+    for row in rows[:3]:  # the same prompts, answered in one piece, give the same answers
+        prompt = build_passkey_prompt(tok, row["folds"] * 64, 0.0, key=record["keys"][0])
+        assert prompt.context_len == row["tokens"]
+        text = tok.decode(greedy_generate(model, torch.tensor([prompt.ids]), 8)[0].tolist())
+        assert text == row["answers"][0]
+        assert row["accuracy"] >= is_correct(text, record["keys"][0]) / 3
+    folds = load("passkey_folds")
+    folds.main([str(model_dir), "--out", str(tmp_path / "folds.json"), "--folds", "2,3",
+                "--depths", "0,1", "--samples", "2"])  # fmt: skip
+    by = json.loads((tmp_path / "folds.json").read_text())["rows"]
+    assert [(r["folds"], r["level"], sorted(k for k in r if k.startswith("depth"))) for r in by] \
+        == [(2, True, ["depth_0", "depth_1"]), (3, False, ["depth_0", "depth_1"])]  # fmt: skip

@@ -1,0 +1,69 @@
+"""Passkey accuracy by the number of folds in the prompt (docs/retrieval.md, "the fold counter").
+
+    PYTHONPATH=src python benchmarks/passkey_folds.py MODEL_DIR --out OUT.json \\
+        [--folds 4,5,6,7,8,9,12,15,16,17,24,31,32,33,48,63,64,65] [--depths 0,0.5,1] \\
+        [--samples 10]
+
+`foldformer.evaluate.passkey.evaluate_passkey` (the code of `foldformer eval passkey`) at
+prompts of n · w tokens for every n given, on the CPU by default: whether a model answers at
+fold counts its curriculum never trained on (the passkey curriculum trains at 1, 2, 4, … folds
+and mixes in lower levels only, unless `uniform=true`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> None:
+    from foldformer.evaluate.common import load_checkpoint
+    from foldformer.evaluate.passkey import evaluate_passkey
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--folds", default="4,5,6,7,8,9,12,15,16,17,24,31,32,33,48,63,64,65")
+    parser.add_argument("--depths", default="0,0.5,1")
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    folds = [int(n) for n in args.folds.split(",")]
+    depths = [float(d) for d in args.depths.split(",")]
+    model, tokenizer = load_checkpoint(args.model, args.device)
+    w = model.config.segment_len
+    started, rows = time.time(), []
+    with torch.no_grad():
+        for n in folds:
+            cells = evaluate_passkey(model, tokenizer, [n * w], depths, samples=args.samples,
+                                     seed=args.seed, progress=False)  # fmt: skip
+            row = {"folds": n, "tokens": n * w, "level": n & (n - 1) == 0}
+            row.update({f"depth_{c.depth:g}": c.accuracy for c in cells})
+            rows.append(row)
+            print(f"{n:>5} folds {'(a level)' if row['level'] else '         '} "
+                  + "  ".join(f"{c.depth:g}: {c.accuracy:.0%}" for c in cells), flush=True)  # fmt: skip
+    record = {
+        "benchmark": "passkey by fold count (benchmarks/passkey_folds.py)",
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "model": args.model,
+        "segment_len": w,
+        "samples": args.samples,
+        "seed": args.seed,
+        "device": args.device,
+        "seconds": time.time() - started,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
