@@ -1,9 +1,13 @@
 """Figures of docs/retrieval.md from the committed records.
 
-    python benchmarks/plot_retrieval.py    # writes docs/retrieval_diagnosis.png, docs/passkey_h200.png
+    python benchmarks/plot_retrieval.py    # writes the four figures below in docs/
 
-Reads benchmarks/results/cpu_retention/*/retention.json (benchmarks/retention.py) and
-benchmarks/results/h200/retrieval/round3/passkey_*/eval_*/passkey.json (retrieval_gpu.sh).
+Reads benchmarks/results/cpu_retention/*/retention.json (benchmarks/retention.py) for
+docs/retrieval_diagnosis.png; benchmarks/results/h200/retrieval/round3/passkey_*/eval_*/passkey.json
+(retrieval_gpu.sh) for docs/passkey_h200.png; round5/clamp_st_mixed/passkey_N.json
+(passkey_round5.sh, then passkey_gpu.py --eval-only for 4M and 16M) for
+docs/passkey_round5_h200.png; benchmarks/results/h200/babilong/*/babilong.json
+(babilong_gpu.py) for docs/babilong_h200.png.
 """
 
 from __future__ import annotations
@@ -112,7 +116,66 @@ def passkey(path: Path) -> None:
     plt.close(fig)
 
 
+def passkey_grid(path: Path) -> None:
+    """Round 5's model (trained on prompts of at most 8K tokens) over the whole §6 grid."""
+    run = H200.parent / "round5" / "clamp_st_mixed"
+    records = [r for f in sorted(run.glob("passkey_*.json")) for r in json.loads(f.read_text())
+               if r["metric"] == "passkey_accuracy"]  # fmt: skip
+    lengths = sorted({r["config"]["eval"]["length"] for r in records})
+    depths = sorted({r["config"]["eval"]["depth"] for r in records})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for r in records:
+        e = r["config"]["eval"]
+        grid[depths.index(e["depth"]), lengths.index(e["length"])] = r["value"]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [_size(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=9)
+    fig.colorbar(image, ax=ax, label="accuracy (20 keys a cell)")
+    ax.set(xlabel="prompt length (tokens)", ylabel="key depth",
+           title="passkey, round 5 clamp_st (trained ≤ 8K tokens), one H200")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K" if n >= 1024 else str(n)
+
+
+def babilong(path: Path) -> None:
+    """Accuracy against length, a panel per task, a line per model (the 10M cell of qa1 is the
+    folded model's only, from a later call on the same weights)."""
+    results = [r for f in sorted((H200.parent.parent / "babilong").glob("qa*/babilong.json"))
+               for r in json.loads(f.read_text())["results"]]  # fmt: skip
+    tasks = sorted({r["task"] for r in results})
+    styles = {"folded": "C3o-", "rmt": "C0s-", "no_memory": "k^:"}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        lengths = sorted({c["length"] for r in results if r["task"] == task for c in r["cells"]})
+        for model, style in styles.items():
+            cells = {c["length"]: c["accuracy"] for r in results
+                     if (r["task"], r["model"]) == (task, model) for c in r["cells"]
+                     if "accuracy" in c}  # fmt: skip
+            xs = [i for i, n in enumerate(lengths) if n in cells]
+            ax.plot(xs, [cells[lengths[i]] for i in xs], style, label=model)
+        ax.set_xticks(range(len(lengths)), [_size(n) for n in lengths])
+        ax.set(ylim=(-0.02, 1.02), xlabel="context length (tokens)", ylabel="accuracy",
+               title=f"BABILong {task} (100 questions a point)")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     diagnosis(ROOT / "docs" / "retrieval_diagnosis.png")
     passkey(ROOT / "docs" / "passkey_h200.png")
-    print("wrote docs/retrieval_diagnosis.png and docs/passkey_h200.png")
+    passkey_grid(ROOT / "docs" / "passkey_round5_h200.png")
+    babilong(ROOT / "docs" / "babilong_h200.png")
+    print("wrote docs/retrieval_diagnosis.png, passkey_h200.png, passkey_round5_h200.png, "
+          "babilong_h200.png")
