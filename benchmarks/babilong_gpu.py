@@ -159,7 +159,10 @@ def worker(job_path: Path) -> None:
     model_dir = work / "run" / "final"
     if job.get("trained"):  # --trained: evaluate a model of an earlier call, train nothing
         model_dir = Path(job["trained"])
-        result["train"] = {"trained": str(model_dir)}
+        # how it was trained: the earlier call's record (its run config is in its logs)
+        earlier = model_dir.parent / "result.json"
+        train = json.loads(earlier.read_text()).get("train", {}) if earlier.is_file() else {}
+        result["train"] = {**train, "trained": str(model_dir)}
     else:
         t0 = time.time()
         trainer = Trainer(RunConfig.from_dict(job["run"]), work / "run")
@@ -403,6 +406,8 @@ def run(args) -> int:
         "BABILong row is as long as its curriculum level (train.level at the end, "
         "curriculum_level in metrics.jsonl), so more tokens were read",
         "runs": {n: r["run"] for n, r in runs.items()},
+        "trained": args.trained,  # set: the models are an earlier call's; `runs` is only
+        # this call's plan, each result's `train` is how its model was trained
         "train_data": {t: data_spec(args, t) for t in args.tasks},
         "eval_data": {
             "background": f"{args.pg}?split=validation",

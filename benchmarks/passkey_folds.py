@@ -22,7 +22,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> None:
-    from foldformer.evaluate.common import load_checkpoint
+    from foldformer.evaluate.common import load_checkpoint, parse_list
     from foldformer.evaluate.passkey import evaluate_passkey
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    folds = [int(n) for n in args.folds.split(",")]
-    depths = [float(d) for d in args.depths.split(",")]
+    folds = parse_list(args.folds)
+    depths = [float(d) for d in args.depths.split(",")]  # parse_list reads integers
     model, tokenizer = load_checkpoint(args.model, args.device)
     w = model.config.segment_len
     started, rows = time.time(), []

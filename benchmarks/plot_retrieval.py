@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from foldformer.evaluate.common import format_size  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ROOT / "benchmarks" / "results" / "cpu_retention"
 H200 = ROOT / "benchmarks" / "results" / "h200" / "retrieval" / "round3"
@@ -129,7 +131,7 @@ def passkey_grid(path: Path) -> None:
         grid[depths.index(e["depth"]), lengths.index(e["length"])] = r["value"]
     fig, ax = plt.subplots(figsize=(7, 3.4))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [_size(n) for n in lengths])
+    ax.set_xticks(range(len(lengths)), [format_size(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     for i in range(len(depths)):
         for j in range(len(lengths)):
@@ -140,10 +142,6 @@ def passkey_grid(path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _size(n: int) -> str:
-    return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K" if n >= 1024 else str(n)
 
 
 def babilong(path: Path) -> None:
@@ -162,7 +160,7 @@ def babilong(path: Path) -> None:
                      if "accuracy" in c}  # fmt: skip
             xs = [i for i, n in enumerate(lengths) if n in cells]
             ax.plot(xs, [cells[lengths[i]] for i in xs], style, label=model)
-        ax.set_xticks(range(len(lengths)), [_size(n) for n in lengths])
+        ax.set_xticks(range(len(lengths)), [format_size(n) for n in lengths])
         ax.set(ylim=(-0.02, 1.02), xlabel="context length (tokens)", ylabel="accuracy",
                title=f"BABILong {task} (100 questions a point)")  # fmt: skip
         ax.grid(alpha=0.3)
@@ -177,5 +175,7 @@ if __name__ == "__main__":
     passkey(ROOT / "docs" / "passkey_h200.png")
     passkey_grid(ROOT / "docs" / "passkey_round5_h200.png")
     babilong(ROOT / "docs" / "babilong_h200.png")
-    print("wrote docs/retrieval_diagnosis.png, passkey_h200.png, passkey_round5_h200.png, "
-          "babilong_h200.png")
+    print(
+        "wrote docs/retrieval_diagnosis.png, passkey_h200.png, passkey_round5_h200.png, "
+        "babilong_h200.png"
+    )

@@ -123,10 +123,17 @@ def main() -> None:
     parser.add_argument("--memory_noise", type=float, default=0.0)
     parser.add_argument("--memory_fifo", action="store_true")
     parser.add_argument("--memory_write", action="store_true")
-    parser.add_argument("--levels-only", action="store_true", help="mixed-in batches at lower "
-                        "curriculum levels only (1, 2, 4, ... folds), not at any shorter distance")
-    parser.add_argument("--fixed-filler", action="store_true",
-                        help="the same filler in every sample (letters in order), not random")
+    parser.add_argument(
+        "--levels-only",
+        action="store_true",
+        help="mixed-in batches at lower "
+        "curriculum levels only (1, 2, 4, ... folds), not at any shorter distance",
+    )
+    parser.add_argument(
+        "--fixed-filler",
+        action="store_true",
+        help="the same filler in every sample (letters in order), not random",
+    )
     parser.add_argument("--max-folds", type=int, default=32)
     parser.add_argument("--eval-folds", type=int, default=1024)
     parser.add_argument("--follow-folds", type=int, default=256)

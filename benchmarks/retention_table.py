@@ -12,8 +12,8 @@ curriculum level reached.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -47,7 +47,8 @@ def main(directory: str, folds: tuple[int, ...] = FOLDS) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[2] == "--folds":
-        main(sys.argv[1], tuple(int(n) for n in sys.argv[3].split(",")))
-    else:
-        main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory")
+    parser.add_argument("--folds", default=",".join(map(str, FOLDS)), help="distance columns")
+    args = parser.parse_args()
+    main(args.directory, tuple(int(n) for n in args.folds.split(",")))

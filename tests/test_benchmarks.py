@@ -439,7 +439,7 @@ def test_babilong_gpu_keeps_models_and_evaluates_them_again_without_training(tmp
     assert babilong.main([*common, "--out", str(again), "--trained", trained]) == 0
     (before,) = json.loads((first / "babilong.json").read_text())["results"]
     (after,) = json.loads((again / "babilong.json").read_text())["results"]
-    assert after["train"] == {"trained": f"{trained}/folded_qa1/model"}
+    assert after["train"] == {**before["train"], "trained": f"{trained}/folded_qa1/model"}
     assert [c["examples"] for c in after["cells"]] == [c["examples"] for c in before["cells"]]
     assert [c["correct"] for c in after["cells"]] == [c["correct"] for c in before["cells"]]
     with pytest.raises(SystemExit, match="no folded_qa1/model/config.json"):
@@ -480,7 +480,9 @@ def test_passkey_trace_and_folds_ask_where_eval_passkey_asks(tmp_path):
         assert prompt.context_len == row["tokens"]
         text = tok.decode(greedy_generate(model, torch.tensor([prompt.ids]), 8)[0].tolist())
         assert text == row["answers"][0]
-        assert row["accuracy"] >= is_correct(text, record["keys"][0]) / 3
+        assert row["accuracy"] == sum(
+            is_correct(t, k) for t, k in zip(row["answers"], record["keys"], strict=True)
+        ) / 3  # fmt: skip
     folds = load("passkey_folds")
     folds.main([str(model_dir), "--out", str(tmp_path / "folds.json"), "--folds", "2,3",
                 "--depths", "0,1", "--samples", "2"])  # fmt: skip

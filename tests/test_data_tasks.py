@@ -291,7 +291,8 @@ def test_uniform_mix_draws_every_fold_count_not_only_curriculum_levels():
         levels[uniform] = set(drawn)
     assert levels[False] <= {1, 2, 4, 8, 16, 32}
     assert levels[True] == set(range(1, 33))  # every count, the current one included
-    # a prompt at a non-level count is that many folds long (within one filler sentence)
+    # a drawn count that is no level still makes a prompt that many folds long (within one
+    # filler sentence): the passkey builder takes any length
     source = build_batch_source(spec + "&uniform=true", tok, 1, 128, segment_len=128)
     assert abs(len(source.make_row(np.random.default_rng(0), 23).ids) - 23 * 128) < 32
 
@@ -311,3 +312,14 @@ def test_key_recall_mix_is_the_uniform_mix_it_always_had():
     levels_only = KeyRecallTask(4, 8, max_folds=64, seed=3, uniform=False)
     levels_only.set_folds(16)
     assert {levels_only._batch_level() for levels_only.batches in range(300)} == {1, 2, 4, 8, 16}
+    # A checkpoint written before `uniform` existed saved mix=0 (the old rule ignored it): it
+    # resumes at its level, mixing as before; a checkpoint of the other setting is refused.
+    old = task.state_dict()
+    del old["uniform"]
+    old["curriculum"]["mix"] = 0.0
+    resumed = KeyRecallTask(4, 8, max_folds=64, seed=3)
+    resumed.load_state_dict(old)
+    assert resumed.level == 16 and resumed.curriculum.mix == 0.5
+    assert len({resumed._batch_level() for resumed.batches in range(100)}) > 5
+    with pytest.raises(ValueError, match="saved uniform=True but this run has uniform=False"):
+        KeyRecallTask(4, 8, max_folds=64, seed=3, uniform=False).load_state_dict(task.state_dict())

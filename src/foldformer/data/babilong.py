@@ -326,7 +326,9 @@ class BabilongTask(SyntheticTask):
         example = build_babilong_sample(sample, self.background, level, self.tokenizer, rng)
         # The answer ends with a labelled "." (as PasskeyTask's key): with labels on the word
         # alone nothing teaches the model to stop, greedy decoding runs on (" officennnn") and
-        # the first word is wrong although the model found the answer.
+        # the first word is wrong although the model found the answer. (A tokenizer that
+        # encodes "." with a word-start marker, SentencePiece's "▁.", teaches " office ." —
+        # the first word is still "office".)
         stop = list(self.tokenizer.encode("."))
         return _answer_row(example.input_ids.tolist(), example.answer_ids + stop)
 

@@ -3,14 +3,17 @@
     PATH[?options]                  text (files, dirs, .jsonl, .parquet, tar, hf:NAME): one
                                     TextStreams over all text specs given, tokenized and cached
     synthetic:recall[?options]      RecallTask  (options: key_len, n_pairs, n_folds, max_folds,
-                                    factor, threshold, window, mix, uniform: mixed-in
-                                    batches at any fold count up to the level, not only
-                                    lower levels)
-    synthetic:copy[?options]        CopyTask
-    synthetic:passkey[?options]     PasskeyTask
+                                    factor, threshold, window, mix, uniform)
+    synthetic:copy[?options]        CopyTask    (the same but key_len, n_pairs)
+    synthetic:passkey[?options]     PasskeyTask (the same but key_len, n_pairs)
     babilong:qa1[:BABI][?options]   BabilongTask; BABI is a bAbI directory or file (default:
                                     $FOLDFORMER_BABI); options: books=PATH (background text),
-                                    lengths=0,256,1024, max_tokens, threshold, window, mix
+                                    lengths=0,256,1024, max_tokens, threshold, window, mix,
+                                    uniform
+
+mix: the probability that a batch is at a shorter length than the curriculum's; uniform=true:
+such a batch has any length from the first level up to the current one (folds; tokens for
+BABILong), not only a lower level.
 
 Example: ``synthetic:recall?key_len=3&max_folds=512`` or
 ``babilong:qa1:../shared/data/babi/en-10k?books=../shared/data/books&max_tokens=2048``.

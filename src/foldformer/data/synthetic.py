@@ -256,7 +256,7 @@ class SyntheticTask:
         if c.mix and c.index > 0:
             rng = np.random.default_rng([self.seed, self.batches, 2**32 - 1])
             if rng.random() < c.mix:
-                if self.uniform:
+                if self.uniform:  # from the first level (KeyRecallTask's 1: any shorter one)
                     return int(rng.integers(c.levels[0], c.level))
                 return c.levels[int(rng.integers(0, c.index))]
         return c.level
@@ -297,6 +297,7 @@ class SyntheticTask:
             "world_size": self.world_size,
             "batch_size": self.batch_size,
             "batches": self.batches,
+            "uniform": self.uniform,
             "curriculum": self.curriculum.state_dict(),
         }
 
@@ -308,8 +309,17 @@ class SyntheticTask:
                     f"cannot resume {self.name}: saved {key}={state.get(key)!r} but this run has "
                     f"{key}={mine!r}"
                 )
+        if state.get("uniform", self.uniform) != self.uniform:
+            raise ValueError(
+                f"cannot resume {self.name}: saved uniform={state['uniform']!r} but this run has "
+                f"uniform={self.uniform!r}"
+            )
         self.batches = int(state["batches"])
-        self.curriculum.load_state_dict(state["curriculum"])
+        # The curriculum's progress is restored; how batches are mixed (mix) is this run's own
+        # setting: a KeyRecallTask checkpoint written before `uniform` existed saved mix=0
+        # although it mixed half its batches.
+        progress = {k: v for k, v in state["curriculum"].items() if k != "mix"}
+        self.curriculum.load_state_dict(progress)
 
 
 def _single_token_ids(tokenizer: Tokenizer, chars: str) -> list[int]:
