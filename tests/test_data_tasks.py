@@ -291,6 +291,8 @@ def test_uniform_mix_draws_every_fold_count_not_only_curriculum_levels():
         levels[uniform] = set(drawn)
     assert levels[False] <= {1, 2, 4, 8, 16, 32}
     assert levels[True] == set(range(1, 33))  # every count, the current one included
+    with pytest.raises(ValueError, match="uniform must be true or false, got 'yes'"):
+        build_batch_source(spec + "&uniform=yes", tok, 1, 128, segment_len=128)
     # a drawn count that is no level still makes a prompt that many folds long (within one
     # filler sentence): the passkey builder takes any length
     source = build_batch_source(spec + "&uniform=true", tok, 1, 128, segment_len=128)

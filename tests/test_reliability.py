@@ -69,6 +69,22 @@ def test_a_bad_value_is_one_line_naming_it(tmp_path, capsys, option, value, mess
     assert message in err
 
 
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            "synthetic:passkey?mix=2",
+            "data spec synthetic:passkey: curriculum mix must be in [0, 1)",
+        ),
+        ("synthetic:passkey?uniform=yes", "uniform must be true or false, got 'yes'"),
+        ("synthetic:recall?key_len=0", "data spec synthetic:recall:"),
+    ],
+)
+def test_a_bad_task_option_value_is_one_line_naming_the_task(tmp_path, capsys, spec, message):
+    err = one_line_error(capsys, ["train", "--data", spec, "--out", str(tmp_path)])
+    assert message in err
+
+
 def test_values_are_parsed_by_type():
     run = load_run_config(overrides={"progress": "no", "memory_gate": "0", "compile": "yes",
                                      "lr": "3e-4", "d_ff": "none", "train": "a.txt,b.txt"})  # fmt: skip

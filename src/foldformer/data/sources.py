@@ -67,9 +67,14 @@ class DataSpec:
         if self.kind == "synthetic":
             from foldformer.data.synthetic import TASKS
 
-            return TASKS[self.task](
-                segment_len=segment_len, tokenizer=tokenizer, **common, **self.options
-            )
+            try:  # a bad option value ("mix=2", "uniform=yes"): one line naming the task
+                return TASKS[self.task](
+                    segment_len=segment_len, tokenizer=tokenizer, **common, **self.options
+                )
+            except DataError:
+                raise
+            except ValueError as error:
+                raise DataError(f"data spec synthetic:{self.task}: {error}") from None
         from foldformer.data.babilong import BabilongTask
 
         options = dict(self.options)

@@ -197,7 +197,9 @@ class SyntheticTask:
         # uniform: a mixed-in batch has any number of folds from the first level up to the
         # current one, not only a lower curriculum level. A read-out trained at 1, 2, 4, … folds
         # only answers at those counts (docs/retrieval.md, "the fold counter").
-        self.uniform = bool(uniform)
+        if not isinstance(uniform, bool):  # a data spec's "uniform=yes" arrives as a string
+            raise ValueError(f"uniform must be true or false, got {uniform!r}")
+        self.uniform = uniform
         self.batches = 0
         self._check_level(self.curriculum.levels[0])
 
