@@ -325,3 +325,33 @@ def test_key_recall_mix_is_the_uniform_mix_it_always_had():
     assert len({resumed._batch_level() for resumed.batches in range(100)}) > 5
     with pytest.raises(ValueError, match="saved uniform=True but this run has uniform=False"):
         KeyRecallTask(4, 8, max_folds=64, seed=3, uniform=False).load_state_dict(task.state_dict())
+
+
+def test_passkey_shuffle_reorders_the_filler_and_only_when_asked():
+    """shuffle=true (training only): each whole group of five filler sentences in a random
+    order, same length, same key and question; without it the rows are the §6 prompts as
+    before (the same draws)."""
+    import random
+
+    from foldformer.data.passkey import FILLER_SENTENCES, build_passkey_prompt
+
+    fixed = build_passkey_prompt(tok, 2048, 0.5, key="12345")
+    mixed = build_passkey_prompt(tok, 2048, 0.5, key="12345", shuffle=random.Random(0))
+    assert len(mixed.ids) == len(fixed.ids) and mixed.context_len == fixed.context_len
+    assert mixed.ids[mixed.context_len :] == fixed.ids[fixed.context_len :]  # the question
+    text = tok.decode(mixed.ids[: mixed.context_len])
+    assert text != tok.decode(fixed.ids[: fixed.context_len]) and "12345" in text
+    assert sorted(text.count(s) for s in FILLER_SENTENCES) == sorted(
+        tok.decode(fixed.ids).count(s) for s in FILLER_SENTENCES
+    )
+    spec = "synthetic:passkey?n_folds=2&max_folds=4"
+    plain = build_batch_source(spec, tok, 2, 128, segment_len=128)
+    rng = np.random.default_rng(5)
+    row = plain.make_row(rng, 2)
+    rng = np.random.default_rng(5)
+    key, depth = str(int(rng.integers(10_000, 100_000))), float(rng.random())
+    assert row.ids[:-7] == build_passkey_prompt(tok, 256, depth, key=key).ids  # + " NNNNN."
+    shuffled = build_batch_source(spec + "&shuffle=true", tok, 2, 128, segment_len=128)
+    assert shuffled.make_row(np.random.default_rng(5), 2).ids != row.ids
+    with pytest.raises(ValueError, match="shuffle must be true or false, got 'yes'"):
+        build_batch_source(spec + "&shuffle=yes", tok, 2, 128, segment_len=128)

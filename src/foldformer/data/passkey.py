@@ -62,12 +62,16 @@ def build_passkey_prompt(
     depth: float,
     key: str | int | None = None,
     seed: int | None = None,
+    shuffle: random.Random | None = None,
 ) -> PasskeyPrompt:
     """A passkey prompt of at most `n_tokens` tokens (within one filler sentence of it).
 
     depth p in [0, 1]: the key sentence starts after the filler sentence boundary nearest to
     the fraction p of the filler (0: first thing in the prompt, 1: right before the question).
     key: the digits to hide; drawn from `seed` when None (5 digits).
+    shuffle: a training option (not §6): each whole group of five filler sentences in an order
+    drawn from this generator instead of the fixed one, so the state after n folds of filler is
+    not a function of n alone (docs/retrieval.md, "the fold counter").
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
@@ -123,6 +127,15 @@ def build_passkey_prompt(
             out += later_filler[i % 5]
             i += 1
         return out
+
+    if shuffle is not None:  # each whole group a permutation (the same length); the tail fixed
+        order = [j for _ in range(n_sentences // 5) for j in shuffle.sample(range(5), 5)]
+        order += list(range(n_sentences - len(order)))
+
+        def filler(first: int, last: int, opens_prompt: bool) -> list[int]:  # noqa: F811
+            pieces = [(first_filler if opens_prompt and i == first else later_filler)[order[i]]
+                      for i in range(first, last)]  # fmt: skip
+            return [t for piece in pieces for t in piece]
 
     ids = filler(0, insert_at, opens_prompt=True)
     key_ids = key_first if insert_at == 0 else key_later

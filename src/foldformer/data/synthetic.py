@@ -22,6 +22,7 @@ rows r*B … (r+1)*B−1 of the global batch, and a resumed task repeats nothing
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -415,15 +416,21 @@ class PasskeyTask(SyntheticTask):
 
     name = "passkey"
 
-    def __init__(self, batch_size: int, segment_len: int, **kwargs: Any):
+    def __init__(self, batch_size: int, segment_len: int, shuffle: bool = False, **kwargs: Any):
         from foldformer.data.passkey import build_passkey_prompt
 
-        self._build = build_passkey_prompt
+        if not isinstance(shuffle, bool):
+            raise ValueError(f"shuffle must be true or false, got {shuffle!r}")
+        self._build, self.shuffle = build_passkey_prompt, shuffle
         super().__init__(batch_size, segment_len, **kwargs)
 
     def make_row(self, rng: np.random.Generator, level: int) -> _Row:
         key = str(int(rng.integers(10_000, 100_000)))
-        prompt = self._build(self.tokenizer, level * self.segment_len, float(rng.random()), key=key)
+        depth = float(rng.random())
+        # shuffle: the filler's sentence order drawn per row (training only; §6 keeps it fixed)
+        order = random.Random(int(rng.integers(2**62))) if self.shuffle else None
+        prompt = self._build(self.tokenizer, level * self.segment_len, depth, key=key,
+                             shuffle=order)  # fmt: skip
         # The key ends with the "." that ends it in the key sentence: without a label after
         # the digits nothing teaches the model to stop, and greedy decoding runs on with more
         # digits, which the evaluation rightly counts wrong.
