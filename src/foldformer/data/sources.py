@@ -5,7 +5,7 @@
     synthetic:recall[?options]      RecallTask  (options: key_len, n_pairs, n_folds, max_folds,
                                     factor, threshold, window, mix, uniform)
     synthetic:copy[?options]        CopyTask    (the same but key_len, n_pairs)
-    synthetic:passkey[?options]     PasskeyTask (the same but key_len, n_pairs)
+    synthetic:passkey[?options]     PasskeyTask (the same but key_len, n_pairs; and shuffle)
     babilong:qa1[:BABI][?options]   BabilongTask; BABI is a bAbI directory or file (default:
                                     $FOLDFORMER_BABI); options: books=PATH (background text),
                                     lengths=0,256,1024, max_tokens, threshold, window, mix,
