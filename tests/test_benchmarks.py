@@ -353,18 +353,13 @@ def test_explain_seed_measures_and_reports_a_gated_model(tmp_path, capsys):
     assert "== gated: ECL" in capsys.readouterr().out
 
 
-def test_babilong_gpu_smoke_trains_evaluates_and_packs(tmp_path, capsys):
-    """benchmarks/babilong_gpu.py --smoke end to end on a CPU (one model; the matched plan for
-    all three): every length evaluated on the validation authors' books, and the JSON, the plot
-    and a logs tarball without checkpoints are all that OUT holds."""
+def tiny_pg_archive(tmp_path: Path) -> Path:
+    """A pg.tar.xz of one training author and every validation author, a short book each."""
     import io
     import tarfile
 
-    from foldformer.data.babilong import TokenizedBackground, load_background
     from foldformer.data.text import PG_VALIDATION_AUTHORS
-    from foldformer.data.tokenizers import ByteTokenizer
 
-    babilong = load("babilong_gpu")
     archive = tmp_path / "pg.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:
         for author in ("austen-jane", *PG_VALIDATION_AUTHORS):
@@ -372,6 +367,20 @@ def test_babilong_gpu_smoke_trains_evaluates_and_packs(tmp_path, capsys):
             info = tarfile.TarInfo(f"pg/{author}/book.txt")
             info.size = len(text.encode())
             tar.addfile(info, io.BytesIO(text.encode()))
+    return archive
+
+
+def test_babilong_gpu_smoke_trains_evaluates_and_packs(tmp_path, capsys):
+    """benchmarks/babilong_gpu.py --smoke end to end on a CPU (one model; the matched plan for
+    all three): every length evaluated on the validation authors' books, and the JSON, the plot
+    and a logs tarball without checkpoints are all that OUT holds."""
+    import tarfile
+
+    from foldformer.data.babilong import TokenizedBackground, load_background
+    from foldformer.data.tokenizers import ByteTokenizer
+
+    babilong = load("babilong_gpu")
+    archive = tiny_pg_archive(tmp_path)
     babi = str(Path(__file__).resolve().parent / "fixtures" / "babi")
     out = tmp_path / "out"
     argv = ["--smoke", "--pg", str(archive), "--babi", babi, "--out", str(out), "--minutes",
@@ -410,19 +419,10 @@ def test_babilong_gpu_keeps_models_and_evaluates_them_again_without_training(tmp
     """--keep-models packs each trained model's weights (not its optimizer state) in the logs;
     --trained on the unpacked logs evaluates the same model again, training nothing, with the
     same answers (so a later call can run the long lengths of an earlier call's models)."""
-    import io
     import tarfile
 
-    from foldformer.data.text import PG_VALIDATION_AUTHORS
-
     babilong = load("babilong_gpu")
-    archive = tmp_path / "pg.tar.xz"
-    with tarfile.open(archive, "w:xz") as tar:
-        for author in ("austen-jane", *PG_VALIDATION_AUTHORS):
-            text = " ".join(f"A {author} book, sentence {j}, is long enough." for j in range(60))
-            info = tarfile.TarInfo(f"pg/{author}/book.txt")
-            info.size = len(text.encode())
-            tar.addfile(info, io.BytesIO(text.encode()))
+    archive = tiny_pg_archive(tmp_path)
     babi = str(Path(__file__).resolve().parent / "fixtures" / "babi")
     common = ["--smoke", "--pg", str(archive), "--babi", babi, "--minutes", "0.05",
               "--lengths", "0,300", "--samples", "4", "--work", str(tmp_path / "w"),
