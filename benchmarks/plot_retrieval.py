@@ -120,28 +120,14 @@ def passkey(path: Path) -> None:
 
 def passkey_grid(path: Path) -> None:
     """Round 5's model (trained on prompts of at most 8K tokens) over the whole §6 grid."""
+    from foldformer.evaluate.passkey import PasskeyCell, plot_passkey
+
     run = H200.parent / "round5" / "clamp_st_mixed"
-    records = [r for f in sorted(run.glob("passkey_*.json")) for r in json.loads(f.read_text())
-               if r["metric"] == "passkey_accuracy"]  # fmt: skip
-    lengths = sorted({r["config"]["eval"]["length"] for r in records})
-    depths = sorted({r["config"]["eval"]["depth"] for r in records})
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for r in records:
-        e = r["config"]["eval"]
-        grid[depths.index(e["depth"]), lengths.index(e["length"])] = r["value"]
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [format_size(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-    for i in range(len(depths)):
-        for j in range(len(lengths)):
-            ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=9)
-    fig.colorbar(image, ax=ax, label="accuracy (20 keys a cell)")
-    ax.set(xlabel="prompt length (tokens)", ylabel="key depth",
-           title="passkey, round 5 clamp_st (trained ≤ 8K tokens), one H200")  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    cells = [PasskeyCell(r["config"]["eval"]["length"], r["config"]["eval"]["depth"],
+                         r["extra"]["correct"], r["extra"]["samples"], [])
+             for f in sorted(run.glob("passkey_*.json")) for r in json.loads(f.read_text())
+             if r["metric"] == "passkey_accuracy"]  # fmt: skip
+    plot_passkey(cells, path, "passkey, round 5 clamp_st (trained ≤ 8K tokens), one H200")
 
 
 def babilong(path: Path) -> None:
