@@ -355,3 +355,67 @@ def test_passkey_shuffle_reorders_the_filler_and_only_when_asked():
     assert shuffled.make_row(np.random.default_rng(5), 2).ids != row.ids
     with pytest.raises(ValueError, match="shuffle must be true or false, got 'yes'"):
         build_batch_source(spec + "&shuffle=yes", tok, 2, 128, segment_len=128)
+
+
+def test_passkey_straddle_keeps_the_most_filler_whose_answer_crosses_a_fold():
+    """straddle=w (training only): the longest prompt within the budget whose answer crosses a
+    boundary of w-token folds (the §6 1M and 16M prompts all do at w = 128); the same key,
+    depth and question; a budget with no such prompt is refused. PasskeyTask's straddle=P
+    shortens that fraction of rows and leaves the others (and the default rows) unchanged."""
+    import random
+
+    from foldformer.data.passkey import answer_straddles, build_passkey_prompt
+
+    def build(n_tokens, depth, order, **kw):
+        shuffle = None if order is None else random.Random(order)
+        return build_passkey_prompt(tok, n_tokens, depth, key="12345", shuffle=shuffle, **kw)
+
+    for n_tokens, depth, order in [(2048, 0.0, None), (3000, 0.5, None), (5000, 1.0, 1)]:
+        plain = build(n_tokens, depth, order)
+        cut = build(n_tokens, depth, order, straddle=128)
+        assert answer_straddles(len(cut.ids), len(cut.answer_ids), 128)
+        assert not answer_straddles(len(plain.ids), len(plain.answer_ids), 128)
+        assert len(cut.ids) < len(plain.ids) <= n_tokens
+        assert cut.ids[cut.context_len :] == plain.ids[plain.context_len :]  # the question
+        assert tok.decode(cut.ids[cut.key_start : cut.key_end]) == tok.decode(
+            plain.ids[plain.key_start : plain.key_end]
+        )
+        assert abs(cut.actual_depth - depth) < 0.02
+        # the largest: every longer prompt up to the budget answers within one fold (a filler
+        # sentence is at least 11 tokens, so steps of 4 meet every prompt length)
+        for budget in range(len(cut.ids) + 1, n_tokens + 1, 4) if order is None else ():
+            longer = build_passkey_prompt(tok, budget, depth, key="12345")
+            if len(longer.ids) > len(cut.ids):
+                assert not answer_straddles(len(longer.ids), len(longer.answer_ids), 128)
+    straddling = build_passkey_prompt(tok, 4096, 0.5, key="12345")  # 4,093 tokens: it does
+    assert build_passkey_prompt(tok, 4096, 0.5, key="12345", straddle=128).ids == straddling.ids
+    assert answer_straddles(1048574, 6, 128) and not answer_straddles(1048570, 6, 128)
+    with pytest.raises(ValueError, match="straddling a fold of 128"):
+        build_passkey_prompt(tok, 128, 0.5, key="12345", straddle=128)
+
+    spec = "synthetic:passkey?n_folds=8&max_folds=8"
+    plain = build_batch_source(spec, tok, 2, 128, segment_len=128)
+    same = build_batch_source(spec + "&straddle=0", tok, 2, 128, segment_len=128)
+    every = build_batch_source(spec + "&straddle=1", tok, 2, 128, segment_len=128)
+    half = build_batch_source(spec + "&straddle=0.5&shuffle=true", tok, 2, 128, segment_len=128)
+    crossed = 0
+    for seed in range(40):
+        row = plain.make_row(np.random.default_rng(seed), 8)
+        assert same.make_row(np.random.default_rng(seed), 8).ids == row.ids
+        prompt_len = len(row.ids) - 7  # + " NNNNN."
+        assert not answer_straddles(prompt_len, 6, 128)
+        assert answer_straddles(len(every.make_row(np.random.default_rng(seed), 8).ids) - 7, 6, 128)
+        crossed += answer_straddles(
+            len(half.make_row(np.random.default_rng(seed), 8).ids) - 7, 6, 128
+        )
+    assert 8 <= crossed <= 32  # about half
+    # level 1 has no straddling prompt: the plain one
+    assert (
+        every.make_row(np.random.default_rng(0), 1).ids
+        == plain.make_row(np.random.default_rng(0), 1).ids
+    )
+    for bad, shown in [("2", "2"), ("yes", "'yes'"), ("true", "True")]:
+        with pytest.raises(
+            ValueError, match=f"straddle is a fraction of rows in \\[0, 1\\], got {shown}"
+        ):
+            build_batch_source(spec + f"&straddle={bad}", tok, 2, 128, segment_len=128)

@@ -63,6 +63,7 @@ def build_passkey_prompt(
     key: str | int | None = None,
     seed: int | None = None,
     shuffle: random.Random | None = None,
+    straddle: int | None = None,
 ) -> PasskeyPrompt:
     """A passkey prompt of at most `n_tokens` tokens (within one filler sentence of it).
 
@@ -72,6 +73,11 @@ def build_passkey_prompt(
     shuffle: a training option (not §6): each whole group of five filler sentences in an order
     drawn from this generator instead of the fixed one, so the state after n folds of filler is
     not a function of n alone (docs/retrieval.md, "the fold counter").
+    straddle: a training option (not §6), a segment length w: the prompt keeps the largest
+    number of filler sentences (within the budget) for which its answer straddles a fold
+    boundary of a stream of w-token folds, that is, the prompt's last token and the token fed
+    to predict the answer's last token are in different folds (docs/retrieval.md, "answers
+    across a fold"). ValueError if no prompt within the budget does.
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
@@ -105,6 +111,19 @@ def build_passkey_prompt(
     while used + cycle[n_sentences % 5] <= budget:
         used += cycle[n_sentences % 5]
         n_sentences += 1
+    order = None  # the filler's sentence order, when not FILLER_SENTENCES[i % 5]
+    if shuffle is not None:  # each whole group a permutation (the same length); the tail fixed
+        order = [j for _ in range(n_sentences // 5) for j in shuffle.sample(range(5), 5)]
+        order += list(range(n_sentences - len(order)))
+    answer_ids = list(tokenizer.encode(" " + key))
+    if straddle is not None:
+        n_sentences = _straddling_sentences(
+            straddle, n_sentences, depth, len(answer_ids), len(question),
+            (len(key_first), len(key_later)),
+            [(len(first_filler[j]), len(later_filler[j])) for j in range(5)],
+            order if order is not None else [i % 5 for i in range(n_sentences)],
+        )  # fmt: skip
+        order = order[:n_sentences] if order is not None else None
     insert_at = round(depth * n_sentences)  # number of filler sentences before the key
 
     # Long prompts repeat whole cycles: build one cycle once and multiply.
@@ -128,9 +147,7 @@ def build_passkey_prompt(
             i += 1
         return out
 
-    if shuffle is not None:  # each whole group a permutation (the same length); the tail fixed
-        order = [j for _ in range(n_sentences // 5) for j in shuffle.sample(range(5), 5)]
-        order += list(range(n_sentences - len(order)))
+    if order is not None:
 
         def filler(first: int, last: int, opens_prompt: bool) -> list[int]:  # noqa: F811
             pieces = [(first_filler if opens_prompt and i == first else later_filler)[order[i]]
@@ -152,7 +169,7 @@ def build_passkey_prompt(
         ids=ids,
         key=key,
         answer=" " + key,
-        answer_ids=list(tokenizer.encode(" " + key)),
+        answer_ids=answer_ids,
         key_start=key_start,
         key_end=key_end,
         context_len=context_len,
@@ -161,4 +178,35 @@ def build_passkey_prompt(
     )
 
 
-__all__ = ["FILLER_SENTENCES", "QUESTION", "PasskeyPrompt", "build_passkey_prompt", "key_sentence"]
+def answer_straddles(prompt_len: int, answer_len: int, segment_len: int) -> bool:
+    """Whether greedy decoding of an answer after a prompt of prompt_len tokens crosses a fold
+    boundary: the prompt's last token and the token fed to predict the answer's last token lie
+    in different folds, so the rest of the answer is written with the question only in memory."""
+    return (prompt_len - 1) // segment_len != (prompt_len + answer_len - 2) // segment_len
+
+
+def _straddling_sentences(w, n_max, depth, answer_len, question_len, key_lens, sentence_lens,
+                          order) -> int:  # fmt: skip
+    """The largest n <= n_max filler sentences whose prompt's answer straddles a fold of w."""
+    later = [sentence_lens[j][1] for j in order]
+    filler = sum(later)
+    for n in range(n_max, -1, -1):
+        if n < n_max:
+            filler -= later[n]
+        if round(depth * n) == 0:  # the key opens the prompt
+            length = key_lens[0] + filler
+        else:  # the first filler sentence opens it
+            length = key_lens[1] + filler - later[0] + sentence_lens[order[0]][0]
+        if answer_straddles(length + question_len, answer_len, w):
+            return n
+    raise ValueError(f"no passkey prompt within the budget has an answer straddling a fold of {w}")
+
+
+__all__ = [
+    "FILLER_SENTENCES",
+    "QUESTION",
+    "PasskeyPrompt",
+    "answer_straddles",
+    "build_passkey_prompt",
+    "key_sentence",
+]

@@ -5,7 +5,8 @@
     synthetic:recall[?options]      RecallTask  (options: key_len, n_pairs, n_folds, max_folds,
                                     factor, threshold, window, mix, uniform)
     synthetic:copy[?options]        CopyTask    (the same but key_len, n_pairs)
-    synthetic:passkey[?options]     PasskeyTask (the same but key_len, n_pairs; and shuffle)
+    synthetic:passkey[?options]     PasskeyTask (the same but key_len, n_pairs; and shuffle,
+                                    straddle)
     babilong:qa1[:BABI][?options]   BabilongTask; BABI is a bAbI directory or file (default:
                                     $FOLDFORMER_BABI); options: books=PATH (background text),
                                     lengths=0,256,1024, max_tokens, threshold, window, mix,
@@ -13,7 +14,9 @@
 
 mix: the probability that a batch is at a shorter length than the curriculum's; uniform=true:
 such a batch has any length from the first level up to the current one (folds; tokens for
-BABILong), not only a lower level.
+BABILong), not only a lower level. Passkey training only: shuffle=true puts each group of five
+filler sentences in a random order; straddle=P shortens a fraction P of the rows until the
+answer crosses a fold boundary (docs/retrieval.md).
 
 Example: ``synthetic:recall?key_len=3&max_folds=512`` or
 ``babilong:qa1:../shared/data/babi/en-10k?books=../shared/data/books&max_tokens=2048``.

@@ -416,21 +416,48 @@ class PasskeyTask(SyntheticTask):
 
     name = "passkey"
 
-    def __init__(self, batch_size: int, segment_len: int, shuffle: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        batch_size: int,
+        segment_len: int,
+        shuffle: bool = False,
+        straddle: float = 0.0,
+        **kwargs: Any,
+    ):
         from foldformer.data.passkey import build_passkey_prompt
 
         if not isinstance(shuffle, bool):
             raise ValueError(f"shuffle must be true or false, got {shuffle!r}")
-        self._build, self.shuffle = build_passkey_prompt, shuffle
+        if (
+            isinstance(straddle, bool)
+            or not isinstance(straddle, (int, float))
+            or not (0 <= straddle <= 1)
+        ):
+            raise ValueError(f"straddle is a fraction of rows in [0, 1], got {straddle!r}")
+        self._build, self.shuffle, self.straddle = build_passkey_prompt, shuffle, float(straddle)
         super().__init__(batch_size, segment_len, **kwargs)
 
     def make_row(self, rng: np.random.Generator, level: int) -> _Row:
         key = str(int(rng.integers(10_000, 100_000)))
         depth = float(rng.random())
         # shuffle: the filler's sentence order drawn per row (training only; §6 keeps it fixed)
-        order = random.Random(int(rng.integers(2**62))) if self.shuffle else None
-        prompt = self._build(self.tokenizer, level * self.segment_len, depth, key=key,
-                             shuffle=order)  # fmt: skip
+        order_seed = int(rng.integers(2**62)) if self.shuffle else None
+
+        def build(**kw: Any):
+            order = None if order_seed is None else random.Random(order_seed)
+            return self._build(self.tokenizer, level * self.segment_len, depth, key=key,
+                               shuffle=order, **kw)  # fmt: skip
+
+        # straddle: this fraction of rows shortened until the answer crosses a fold boundary,
+        # which a prompt of exactly n folds rarely does and the §6 1M and 16M prompts always do
+        # (docs/retrieval.md, "answers across a fold"). Drawn only when asked: rows unchanged.
+        prompt = None
+        if self.straddle and rng.random() < self.straddle:
+            try:
+                prompt = build(straddle=self.segment_len)
+            except ValueError:  # none fits in so few folds: the plain prompt
+                pass
+        prompt = prompt or build()
         # The key ends with the "." that ends it in the key sentence: without a label after
         # the digits nothing teaches the model to stop, and greedy decoding runs on with more
         # digits, which the evaluation rightly counts wrong.
