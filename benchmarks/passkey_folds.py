@@ -2,12 +2,14 @@
 
     PYTHONPATH=src python benchmarks/passkey_folds.py MODEL_DIR --out OUT.json \\
         [--folds 4,5,6,7,8,9,12,15,16,17,24,31,32,33,48,63,64,65] [--depths 0,0.5,1] \\
-        [--samples 10]
+        [--samples 10] [--minus TOKENS]
 
 `foldformer.evaluate.passkey.evaluate_passkey` (the code of `foldformer eval passkey`) at
 prompts of n · w tokens for every n given, on the CPU by default: whether a model answers at
 fold counts its curriculum never trained on (the passkey curriculum trains at 1, 2, 4, … folds
-and mixes in lower levels only, unless `uniform=true`).
+and mixes in lower levels only, unless `uniform=true`). `--minus K`: prompts of n · w - K
+tokens instead, which moves the question within its fold; each row records how many prompts'
+answers straddle a fold boundary (docs/retrieval.md, "answers across a fold").
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minus", type=int, default=0, help="prompts of n * w - MINUS tokens")
     args = parser.parse_args(argv)
     folds = parse_list(args.folds)
     depths = [float(d) for d in args.depths.split(",")]  # parse_list reads integers
@@ -41,12 +44,15 @@ def main(argv: list[str] | None = None) -> None:
     started, rows = time.time(), []
     with torch.no_grad():
         for n in folds:
-            cells = evaluate_passkey(model, tokenizer, [n * w], depths, samples=args.samples,
+            tokens = n * w - args.minus
+            cells = evaluate_passkey(model, tokenizer, [tokens], depths, samples=args.samples,
                                      seed=args.seed, progress=False)  # fmt: skip
-            row = {"folds": n, "tokens": n * w, "level": n & (n - 1) == 0}
+            row = {"folds": n, "tokens": tokens, "level": n & (n - 1) == 0}
             row.update({f"depth_{c.depth:g}": c.accuracy for c in cells})
+            row["straddling"] = sum(c.straddling for c in cells) / sum(c.samples for c in cells)
             rows.append(row)
             print(f"{n:>5} folds {'(a level)' if row['level'] else '         '} "
+                  + ("straddling " if row["straddling"] else "           ")
                   + "  ".join(f"{c.depth:g}: {c.accuracy:.0%}" for c in cells), flush=True)  # fmt: skip
     record = {
         "benchmark": "passkey by fold count (benchmarks/passkey_folds.py)",
@@ -55,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "segment_len": w,
         "samples": args.samples,
+        "minus": args.minus,
         "seed": args.seed,
         "device": args.device,
         "seconds": time.time() - started,

@@ -84,6 +84,13 @@ def test_evaluation_grid_and_records():
         low, high = record["interval"]
         assert 0 <= low <= record["value"] <= high <= 1
     assert records[-1]["metric"] == "passkey_accuracy_overall"
+    # A prompt of 4,093 tokens ends 3 tokens before a fold boundary at w = 16: the 6-token
+    # answer is written partly in the next fold, and the cell says so (the §6 1M prompts too).
+    assert [c.straddling for c in cells] == [0, 0, 0, 0]
+    (far,) = evaluate_passkey(model, TOKENIZER, [4096], [0.0], samples=2, progress=False)
+    assert far.straddling == 2
+    (record, _) = passkey_records([far], {}, "cpu")
+    assert record["extra"]["answers_straddling_a_segment"] == 2
 
 
 def test_batching_all_depths_together_changes_no_answer():

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from foldformer.data.passkey import build_passkey_prompt
+from foldformer.data.passkey import answer_straddles, build_passkey_prompt
 from foldformer.evaluate.common import (
     EvaluationError,
     format_size,
@@ -48,6 +48,9 @@ class PasskeyCell:
     correct: int
     samples: int
     outputs: list[tuple[str, str]]  # (key, generated text) per sample
+    # prompts whose answer crosses a segment (fold) boundary: the rest of the answer is written
+    # with the question in memory only (docs/retrieval.md, "answers across a fold")
+    straddling: int = 0
 
     @property
     def accuracy(self) -> float:
@@ -79,6 +82,7 @@ def evaluate_passkey(
             build_passkey_prompt(tokenizer, length, 0.0, key="0" * 5)
         except ValueError as error:
             raise EvaluationError(f"passkey length {length}: {error}") from None
+    segment_len = getattr(getattr(model, "config", None), "segment_len", None)
     cells = []
     total = len(lengths) * len(depths) * samples
     bar = tqdm(total=total, desc="passkey", unit="prompt", disable=not progress)
@@ -123,7 +127,14 @@ def evaluate_passkey(
         for depth in depths:
             cell_outputs = [outputs[(depth, i)] for i in range(samples)]
             correct = sum(is_correct(text, key) for key, text in cell_outputs)
-            cells.append(PasskeyCell(length, depth, correct, samples, cell_outputs))
+            straddling = sum(
+                isinstance(segment_len, int)
+                and answer_straddles(
+                    len(prompts[(depth, i)][0]), prompts[(depth, i)][2], segment_len
+                )
+                for i in range(samples)
+            )
+            cells.append(PasskeyCell(length, depth, correct, samples, cell_outputs, straddling))
     bar.close()
     return cells
 
@@ -148,6 +159,7 @@ def passkey_records(
                     "correct": cell.correct,
                     "samples": cell.samples,
                     "interval_method": "Wilson score, 95%",
+                    "answers_straddling_a_segment": cell.straddling,
                     "examples": [{"key": k, "generated": g} for k, g in cell.outputs[:5]],
                 },
                 device,
@@ -228,6 +240,10 @@ def passkey_command(args) -> int:
         for i, d in enumerate(depths_sorted)
     ]
     print_table(rows, ["depth \\ length"] + [format_size(n) for n in lengths_sorted])
+    straddled = sorted({c.length for c in cells if c.straddling})
+    if straddled:
+        print("answers straddling a segment boundary (written with the question in memory "
+              f"only) at: {', '.join(format_size(n) for n in straddled)}")  # fmt: skip
     print(f"wrote {path} and {plot}")
     return 0
 
