@@ -489,3 +489,25 @@ def test_passkey_trace_and_folds_ask_where_eval_passkey_asks(tmp_path):
     by = json.loads((tmp_path / "folds.json").read_text())["rows"]
     assert [(r["folds"], r["level"], sorted(k for k in r if k.startswith("depth"))) for r in by] \
         == [(2, True, ["depth_0", "depth_1"]), (3, False, ["depth_0", "depth_1"])]  # fmt: skip
+
+
+def test_babilong_phase_puts_every_answer_across_a_fold_at_whole_folds_only(tmp_path):
+    """benchmarks/babilong_phase.py: exact prompts of a multiple of w tokens end on a fold's
+    last token, so every answer straddles a fold boundary; w / 2 tokens shorter, none does.
+    Two models read the same prompts (the same answers from the same weights)."""
+    from foldformer.data.tokenizers import ByteTokenizer
+    from foldformer.models import build_model
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    build_model("folded", dict(vocab_size=257, d_model=16, n_layers=1, n_heads=2, segment_len=64,
+                               memory_len=8)).save_pretrained(model_dir)  # fmt: skip
+    ByteTokenizer().save(model_dir)
+    babi = str(Path(__file__).resolve().parent / "fixtures" / "babi")
+    out = tmp_path / "phase.json"
+    load("babilong_phase").main([str(model_dir), str(model_dir), "--pg",
+                                 str(tiny_pg_archive(tmp_path)), "--babi", babi, "--out", str(out),
+                                 "--lengths", "512", "--shifts", "0,32", "--samples", "3"])  # fmt: skip
+    cells = json.loads(out.read_text())["cells"]
+    assert [(c["tokens"], c["straddling"]) for c in cells] == [(512, 1.0), (480, 0.0)] * 2
+    assert [c["examples"] for c in cells[:2]] == [c["examples"] for c in cells[2:]]
