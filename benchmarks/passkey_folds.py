@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     depths = [float(d) for d in args.depths.split(",")]  # parse_list reads integers
     model, tokenizer = load_checkpoint(args.model, args.device)
     w = model.config.segment_len
+    if not 0 <= args.minus < min(folds) * w:
+        raise SystemExit(f"--minus {args.minus}: must be >= 0 and below the shortest prompt "
+                         f"({min(folds)} folds, {min(folds) * w} tokens)")  # fmt: skip
     started, rows = time.time(), []
     with torch.no_grad():
         for n in folds:
@@ -49,7 +52,10 @@ def main(argv: list[str] | None = None) -> None:
                                      seed=args.seed, progress=False)  # fmt: skip
             row = {"folds": n, "tokens": tokens, "level": n & (n - 1) == 0}
             row.update({f"depth_{c.depth:g}": c.accuracy for c in cells})
-            row["straddling"] = sum(c.straddling for c in cells) / sum(c.samples for c in cells)
+            # the fraction of the row's prompts whose answer crosses a fold boundary
+            row["straddling"] = sum(c.straddling or 0 for c in cells) / sum(
+                c.samples for c in cells
+            )
             rows.append(row)
             print(f"{n:>5} folds {'(a level)' if row['level'] else '         '} "
                   + ("straddling " if row["straddling"] else "           ")

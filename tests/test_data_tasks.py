@@ -390,6 +390,9 @@ def test_passkey_straddle_keeps_the_most_filler_whose_answer_crosses_a_fold():
     straddling = build_passkey_prompt(tok, 4096, 0.5, key="12345")  # 4,093 tokens: it does
     assert build_passkey_prompt(tok, 4096, 0.5, key="12345", straddle=128).ids == straddling.ids
     assert answer_straddles(1048574, 6, 128) and not answer_straddles(1048570, 6, 128)
+    # 5 tokens short of the boundary: the last digit is fed in the next fold, where the model
+    # must stop the answer (96 folds at w = 128); 6 short: all of it inside the fold
+    assert answer_straddles(96 * 128 - 5, 6, 128) and not answer_straddles(96 * 128 - 6, 6, 128)
     with pytest.raises(ValueError, match="straddling a fold of 128"):
         build_passkey_prompt(tok, 128, 0.5, key="12345", straddle=128)
 

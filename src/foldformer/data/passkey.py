@@ -10,7 +10,7 @@ question at the end::
 The model must continue with " 68512". Pieces are tokenized separately at sentence boundaries
 (each after a space) and concatenated, so a million-token prompt costs five small encodes, and
 the prompt length is exact: the whole prompt has at most `n_tokens` tokens and is shorter by
-less than one filler sentence.
+less than one filler sentence (more with the training option `straddle`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def build_passkey_prompt(
     shuffle: random.Random | None = None,
     straddle: int | None = None,
 ) -> PasskeyPrompt:
-    """A passkey prompt of at most `n_tokens` tokens (within one filler sentence of it).
+    """A passkey prompt of at most `n_tokens` tokens (within one filler sentence of it, unless
+    `straddle` shortens it).
 
     depth p in [0, 1]: the key sentence starts after the filler sentence boundary nearest to
     the fraction p of the filler (0: first thing in the prompt, 1: right before the question).
@@ -112,7 +113,7 @@ def build_passkey_prompt(
         used += cycle[n_sentences % 5]
         n_sentences += 1
     order = None  # the filler's sentence order, when not FILLER_SENTENCES[i % 5]
-    if shuffle is not None:  # each whole group a permutation (the same length); the tail fixed
+    if shuffle is not None:  # each whole group a permutation (the same length), then the rest
         order = [j for _ in range(n_sentences // 5) for j in shuffle.sample(range(5), 5)]
         order += list(range(n_sentences - len(order)))
     answer_ids = list(tokenizer.encode(" " + key))
@@ -164,6 +165,8 @@ def build_passkey_prompt(
     ids += question
     if len(ids) > n_tokens:  # the first sentence without its space can only be shorter
         raise AssertionError(f"passkey prompt overran its budget: {len(ids)} > {n_tokens}")
+    if straddle is not None and not answer_straddles(len(ids), len(answer_ids), straddle):
+        raise AssertionError(f"passkey prompt of {len(ids)} tokens does not straddle a fold")
     filler_len = context_len - len(key_ids)
     return PasskeyPrompt(
         ids=ids,
@@ -179,15 +182,27 @@ def build_passkey_prompt(
 
 
 def answer_straddles(prompt_len: int, answer_len: int, segment_len: int) -> bool:
-    """Whether greedy decoding of an answer after a prompt of prompt_len tokens crosses a fold
-    boundary: the prompt's last token and the token fed to predict the answer's last token lie
-    in different folds, so the rest of the answer is written with the question only in memory."""
-    return (prompt_len - 1) // segment_len != (prompt_len + answer_len - 2) // segment_len
+    """Whether greedy decoding of an answer of answer_len tokens after a prompt of prompt_len
+    tokens crosses a fold boundary of a stream of segment_len-token folds: the prompt's last
+    token and the answer's last token lie in different folds. The answer's last token is fed
+    too: the prediction after it must stop the answer (a sixth digit, or a longer word, is
+    wrong). Past the boundary the rest is written with the question in memory only."""
+    return (prompt_len - 1) // segment_len != (prompt_len + answer_len - 1) // segment_len
 
 
-def _straddling_sentences(w, n_max, depth, answer_len, question_len, key_lens, sentence_lens,
-                          order) -> int:  # fmt: skip
-    """The largest n <= n_max filler sentences whose prompt's answer straddles a fold of w."""
+def _straddling_sentences(
+    w: int,
+    n_max: int,
+    depth: float,
+    answer_len: int,
+    question_len: int,
+    key_lens: tuple[int, int],
+    sentence_lens: list[tuple[int, int]],
+    order: list[int],
+) -> int:
+    """The largest n <= n_max filler sentences whose prompt's answer straddles a fold of w.
+    key_lens and sentence_lens: (opening the prompt, after a space) token counts; order: the
+    filler's sentence indices. The same lengths `build_passkey_prompt` assembles."""
     later = [sentence_lens[j][1] for j in order]
     filler = sum(later)
     for n in range(n_max, -1, -1):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from torch import Tensor
 
 from foldformer.data.streams import IGNORE_INDEX, Batch, check_rank
 from foldformer.data.tokenizers import ByteTokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from foldformer.data.passkey import PasskeyPrompt
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation samples never coincide with training samples
 
@@ -443,21 +446,23 @@ class PasskeyTask(SyntheticTask):
         # shuffle: the filler's sentence order drawn per row (training only; §6 keeps it fixed)
         order_seed = int(rng.integers(2**62)) if self.shuffle else None
 
-        def build(**kw: Any):
+        def build(**kw: Any) -> PasskeyPrompt:
             order = None if order_seed is None else random.Random(order_seed)
             return self._build(self.tokenizer, level * self.segment_len, depth, key=key,
                                shuffle=order, **kw)  # fmt: skip
 
         # straddle: this fraction of rows shortened until the answer crosses a fold boundary,
-        # which a prompt of exactly n folds rarely does and the §6 1M and 16M prompts always do
-        # (docs/retrieval.md, "answers across a fold"). Drawn only when asked: rows unchanged.
+        # which a prompt of n folds does only at a few n (at w = 128: 2, 5, 15, 31, 32, 256 …)
+        # and the §6 1M and 16M prompts always do (docs/retrieval.md, "answers across a
+        # fold"). Drawn only when asked: the other rows are unchanged.
         prompt = None
         if self.straddle and rng.random() < self.straddle:
             try:
                 prompt = build(straddle=self.segment_len)
-            except ValueError:  # none fits in so few folds: the plain prompt
-                pass
-        prompt = prompt or build()
+            except ValueError:  # no straddling prompt fits in so few folds: the plain one
+                prompt = None
+        if prompt is None:
+            prompt = build()
         # The key ends with the "." that ends it in the key sentence: without a label after
         # the digits nothing teaches the model to stop, and greedy decoding runs on with more
         # digits, which the evaluation rightly counts wrong.

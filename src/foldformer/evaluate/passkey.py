@@ -48,9 +48,10 @@ class PasskeyCell:
     correct: int
     samples: int
     outputs: list[tuple[str, str]]  # (key, generated text) per sample
-    # prompts whose answer crosses a segment (fold) boundary: the rest of the answer is written
-    # with the question in memory only (docs/retrieval.md, "answers across a fold")
-    straddling: int = 0
+    # how many prompts' answers cross a segment (fold) boundary: the rest of the answer is
+    # written with the question in memory only (docs/retrieval.md, "answers across a fold");
+    # None for a model not read in segments
+    straddling: int | None = None
 
     @property
     def accuracy(self) -> float:
@@ -82,7 +83,10 @@ def evaluate_passkey(
             build_passkey_prompt(tokenizer, length, 0.0, key="0" * 5)
         except ValueError as error:
             raise EvaluationError(f"passkey length {length}: {error}") from None
+    # a model read in segments: where its answers cross a segment boundary (None: unknown)
     segment_len = getattr(getattr(model, "config", None), "segment_len", None)
+    if not isinstance(segment_len, int):
+        segment_len = None
     cells = []
     total = len(lengths) * len(depths) * samples
     bar = tqdm(total=total, desc="passkey", unit="prompt", disable=not progress)
@@ -127,13 +131,12 @@ def evaluate_passkey(
         for depth in depths:
             cell_outputs = [outputs[(depth, i)] for i in range(samples)]
             correct = sum(is_correct(text, key) for key, text in cell_outputs)
-            straddling = sum(
-                isinstance(segment_len, int)
-                and answer_straddles(
-                    len(prompts[(depth, i)][0]), prompts[(depth, i)][2], segment_len
+            straddling = None
+            if segment_len is not None:
+                straddling = sum(
+                    answer_straddles(len(ids), answer_len, segment_len)
+                    for ids, _, answer_len in (prompts[(depth, i)] for i in range(samples))
                 )
-                for i in range(samples)
-            )
             cells.append(PasskeyCell(length, depth, correct, samples, cell_outputs, straddling))
     bar.close()
     return cells
