@@ -76,9 +76,9 @@ def build_passkey_prompt(
     not a function of n alone (docs/retrieval.md, "the fold counter").
     straddle: a training option (not §6), a segment length w: the prompt keeps the largest
     number of filler sentences (within the budget) for which its answer straddles a fold
-    boundary of a stream of w-token folds, that is, the prompt's last token and the token fed
-    to predict the answer's last token are in different folds (docs/retrieval.md, "answers
-    across a fold"). ValueError if no prompt within the budget does.
+    boundary of a stream of w-token folds (`answer_straddles`: the prompt's last token and the
+    answer's last token, fed to predict the stop, are in different folds; docs/retrieval.md,
+    "answers across a fold"). ValueError if no prompt within the budget does.
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
