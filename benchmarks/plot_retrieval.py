@@ -1,12 +1,13 @@
 """Figures of docs/retrieval.md from the committed records.
 
-    python benchmarks/plot_retrieval.py    # writes the four figures below in docs/
+    python benchmarks/plot_retrieval.py    # writes the five figures below in docs/
 
 Reads benchmarks/results/cpu_retention/*/retention.json (benchmarks/retention.py) for
 docs/retrieval_diagnosis.png; benchmarks/results/h200/retrieval/round3/passkey_*/eval_*/passkey.json
 (retrieval_gpu.sh) for docs/passkey_h200.png; round5/clamp_st_mixed/passkey_N.json
 (passkey_round5.sh, then passkey_gpu.py --eval-only for 4M and 16M) for
-docs/passkey_round5_h200.png; benchmarks/results/h200/babilong/*/babilong.json
+docs/passkey_round5_h200.png; round7/scratch/eval/passkey_N.json (passkey_round7.sh, then
+--eval-only for 4M and 16M) for docs/passkey_round7_h200.png; benchmarks/results/h200/babilong/*/babilong.json
 (babilong_gpu.py) for docs/babilong_h200.png.
 """
 
@@ -118,16 +119,15 @@ def passkey(path: Path) -> None:
     plt.close(fig)
 
 
-def passkey_grid(path: Path) -> None:
-    """Round 5's model (trained on prompts of at most 8K tokens) over the whole §6 grid."""
+def passkey_grid(path: Path, run: Path, title: str) -> None:
+    """One model's §6 grid from the passkey_LENGTH.json records in `run` (passkey_gpu.py)."""
     from foldformer.evaluate.passkey import PasskeyCell, plot_passkey
 
-    run = H200.parent / "round5" / "clamp_st_mixed"
     cells = [PasskeyCell(r["config"]["eval"]["length"], r["config"]["eval"]["depth"],
                          r["extra"]["correct"], r["extra"]["samples"], [])
              for f in sorted(run.glob("passkey_*.json")) for r in json.loads(f.read_text())
              if r["metric"] == "passkey_accuracy"]  # fmt: skip
-    plot_passkey(cells, path, "passkey, round 5 clamp_st (trained ≤ 8K tokens), one H200")
+    plot_passkey(cells, path, title)
 
 
 def babilong(path: Path) -> None:
@@ -159,9 +159,18 @@ def babilong(path: Path) -> None:
 if __name__ == "__main__":
     diagnosis(ROOT / "docs" / "retrieval_diagnosis.png")
     passkey(ROOT / "docs" / "passkey_h200.png")
-    passkey_grid(ROOT / "docs" / "passkey_round5_h200.png")
+    passkey_grid(
+        ROOT / "docs" / "passkey_round5_h200.png",
+        H200.parent / "round5" / "clamp_st_mixed",
+        "passkey, round 5 clamp_st (trained ≤ 8K tokens), one H200",
+    )
+    passkey_grid(
+        ROOT / "docs" / "passkey_round7_h200.png",
+        H200.parent / "round7" / "scratch" / "eval",
+        "passkey, round 7 from scratch (trained ≤ 16K tokens), one H200",
+    )
     babilong(ROOT / "docs" / "babilong_h200.png")
     print(
         "wrote docs/retrieval_diagnosis.png, passkey_h200.png, passkey_round5_h200.png, "
-        "babilong_h200.png"
+        "passkey_round7_h200.png, babilong_h200.png"
     )
