@@ -511,3 +511,20 @@ def test_babilong_phase_puts_every_answer_across_a_fold_at_whole_folds_only(tmp_
     cells = json.loads(out.read_text())["cells"]
     assert [(c["tokens"], c["straddling"]) for c in cells] == [(512, 1.0), (480, 0.0)] * 2
     assert [c["examples"] for c in cells[:2]] == [c["examples"] for c in cells[2:]]
+
+
+def test_passkey_preset_is_the_round7_recipe():
+    """`--preset passkey` is what passkey_round7.sh trained (docs/retrieval.md, round 7), bar the
+    run-length and logging settings."""
+    from foldformer.train import load_run_config
+
+    recipe = dict(load("passkey_gpu").RECIPE)
+    levers = "mix=0.5&window=256&uniform=true&shuffle=true&straddle=0.5"
+    recipe["data.train"] = f"synthetic:passkey?n_folds=1&max_folds=128&{levers}"
+    round7 = load_run_config(None, "tiny", recipe).to_dict()
+    preset = load_run_config(None, "passkey").to_dict()
+    assert preset["model"] == round7["model"]
+    assert preset["data"] == round7["data"]
+    run_length = {"max_minutes", "save_every", "progress", "eval_batches"}
+    differ = {k for k in preset["train"] if preset["train"][k] != round7["train"][k]}
+    assert differ <= run_length, differ
