@@ -422,3 +422,44 @@ def test_passkey_straddle_keeps_the_most_filler_whose_answer_crosses_a_fold():
             ValueError, match=f"straddle is a fraction of rows in \\[0, 1\\], got {shown}"
         ):
             build_batch_source(spec + f"&straddle={bad}", tok, 2, 128, segment_len=128)
+
+
+def test_babilong_straddle_builds_whole_folds_and_leaves_other_rows_alone(tmp_path):
+    from foldformer.data.passkey import answer_straddles
+
+    (tmp_path / "book.txt").write_text(" ".join(BACKGROUND * 20))
+    spec = f"babilong:qa1:{BABI}?books={tmp_path / 'book.txt'}&lengths=0,512"
+    plain = build_batch_source(spec, tok, batch_size=2, seq_len=64, segment_len=16)
+    every = build_batch_source(spec + "&straddle=1", tok, batch_size=2, seq_len=64, segment_len=16)
+    half = build_batch_source(spec + "&straddle=0.5", tok, batch_size=2, seq_len=64, segment_len=16)
+
+    def prompt_and_answer(task, seed, level=512):
+        row = task.make_row(np.random.default_rng(seed), level)
+        start = next(i for i, t in enumerate(row.labels) if t != IGNORE_INDEX) + 1
+        return len(row.ids[:start]), len(row.ids) - start, row.ids
+
+    for seed in range(10):  # as eval babilong builds them: every answer starts a new fold
+        prompt, answer, _ = prompt_and_answer(every, seed)
+        assert prompt == 512 and answer_straddles(prompt, answer, 16)
+    # the default rows are the rows built without the option
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        sample = plain.train_samples[int(rng.integers(0, len(plain.train_samples)))]
+        example = build_babilong_sample(sample, plain.background, 512, tok, rng)
+        assert prompt_and_answer(plain, seed)[2] == example.input_ids.tolist() + list(
+            example.answer_ids
+        ) + list(tok.encode("."))
+    # without the option a prompt falls short of the level by part of a sentence
+    assert sum(prompt_and_answer(plain, s)[0] == 512 for s in range(40)) <= 4
+    exact = sum(prompt_and_answer(half, s)[0] == 512 for s in range(40))
+    assert 10 <= exact <= 30, exact
+    # at level 0 (the story alone) there is no fold to fill: the story and question only
+    rng = np.random.default_rng(0)
+    sample = every.train_samples[int(rng.integers(0, len(every.train_samples)))]
+    story = build_babilong_sample(sample, every.background, 0, tok, rng).input_ids
+    assert prompt_and_answer(every, 0, level=0)[0] == len(story)
+    for bad in ("2", "-0.5", "true", "half"):
+        with pytest.raises(DataError, match=r"^data spec babilong:qa1: straddle is a fraction"):
+            build_batch_source(f"{spec}&straddle={bad}", tok, 2, 64, 16)
+    with pytest.raises(DataError, match=r"^data spec babilong:qa1: curriculum mix"):
+        build_batch_source(f"{spec}&mix=2", tok, 2, 64, 16)

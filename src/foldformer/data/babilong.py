@@ -272,7 +272,9 @@ class BabilongTask(SyntheticTask):
 
     Levels are prompt lengths in tokens (`lengths`, default 0, 256, 512, … up to max_tokens);
     the model is trained to produce the answer and a "." after "Answer:" (labels on those only).
-    Samples come from the training split of the bAbI file (see `split_babi`).
+    Samples come from the training split of the bAbI file (see `split_babi`). straddle: a
+    training option, the fraction of rows built to exactly a whole number of folds (the
+    answer across a fold boundary, as in every `eval babilong` prompt).
     """
 
     name = "babilong"
@@ -290,8 +292,16 @@ class BabilongTask(SyntheticTask):
         window: int = 256,
         mix: float = 0.0,
         validation_fraction: float = 0.1,
+        straddle: float = 0.0,
         **kwargs: Any,
     ):
+        if (
+            isinstance(straddle, bool)
+            or not isinstance(straddle, (int, float))
+            or not (0 <= straddle <= 1)
+        ):
+            raise ValueError(f"straddle is a fraction of rows in [0, 1], got {straddle!r}")
+        self.straddle = float(straddle)
         samples = babi if isinstance(babi, list) else load_babi(babi_file(task, babi))
         self.train_samples, self.validation_samples = split_babi(samples, validation_fraction)
         if background is None:
@@ -323,7 +333,19 @@ class BabilongTask(SyntheticTask):
     def make_row(self, rng: np.random.Generator, level: int, validation: bool = False) -> _Row:
         pool = self.validation_samples if validation else self.train_samples
         sample = pool[int(rng.integers(0, len(pool)))]
-        example = build_babilong_sample(sample, self.background, level, self.tokenizer, rng)
+        # straddle: this fraction of rows is built to exactly a whole number of folds, as
+        # `eval babilong` builds its prompts: the answer then starts a new fold and is written
+        # with the question in memory only (docs/retrieval.md, "answers across a fold"). A
+        # prompt of `level` tokens otherwise falls short by part of a sentence, and its answer
+        # crosses a fold boundary in a few rows only. Drawn only when asked: the other rows
+        # are unchanged.
+        n_tokens, exact = level, False
+        if self.straddle and rng.random() < self.straddle:
+            whole = level // self.segment_len * self.segment_len
+            n_tokens, exact = (whole, True) if whole else (level, False)
+        example = build_babilong_sample(
+            sample, self.background, n_tokens, self.tokenizer, rng, exact=exact
+        )
         # The answer ends with a labelled "." (as PasskeyTask's key): with labels on the word
         # alone nothing teaches the model to stop, greedy decoding runs on (" officennnn") and
         # the first word is wrong although the model found the answer. (A tokenizer that

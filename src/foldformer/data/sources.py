@@ -83,15 +83,20 @@ class DataSpec:
         options = dict(self.options)
         babi = options.pop("babi")
         background = options.pop("books", None)
-        return BabilongTask(
-            segment_len=segment_len,
-            babi=babi,
-            background=background,
-            task=self.task,
-            tokenizer=tokenizer,
-            **common,
-            **options,
-        )
+        try:  # a bad option value ("mix=2", "straddle=2"): one line naming the task
+            return BabilongTask(
+                segment_len=segment_len,
+                babi=babi,
+                background=background,
+                task=self.task,
+                tokenizer=tokenizer,
+                **common,
+                **options,
+            )
+        except DataError:
+            raise
+        except ValueError as error:
+            raise DataError(f"data spec babilong:{self.task}: {error}") from None
 
 
 def _convert(value: str) -> Any:
