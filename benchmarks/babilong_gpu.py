@@ -5,7 +5,7 @@ of at most 16K tokens, then asked bAbI questions hidden in 0 to 1M (or 10M) toke
     PYTHONPATH=src python3 benchmarks/babilong_gpu.py --pg PG_ARCHIVE --babi BABI_DIR --out OUT \\
         [--models folded,rmt,no_memory] [--tasks qa1] [--minutes 2.5] \\
         [--lengths 0,4K,16K,128K,1M] [--samples 100] [--deadline 450] [--init MODEL_DIR] \\
-        [--set key=value ...]
+        [--set key=value ...] [--data-options 'uniform=true&straddle=0.5']
     SMOKE=1 PYTHONPATH=src python3 benchmarks/babilong_gpu.py ... --out OUT   # CPU, toy sizes
 
 Models. The folded one is the passkey recipe (benchmarks/passkey_gpu.py RECIPE: the `tiny`
@@ -18,7 +18,8 @@ trained checkpoints. `--init` starts the folded model from another run's weights
 
 Data. Training: `babilong:TASK:BABI?books=PG?split=train&max_tokens=16384&mix=0.5` (the
 curriculum 0, 256, 512, ... 16K tokens, moving on at 90% answer accuracy, half the batches at a
-random shorter length; background from the pg training authors; the answer and its "." labelled), questions from the first 90% of the stories of the task's bAbI train file.
+random shorter length; background from the pg training authors; the answer and its "." labelled;
+`--data-options` appends more task options), questions from the first 90% of the stories of the task's bAbI train file.
 Evaluation: the last 10% of the stories (`split_babi`: whole stories, so no story's facts are on
 both sides; en-10k has 1,000 held-out questions a task), the same `--samples` questions at every
 length, background from the pg validation authors only (`PG?split=validation`), each prompt
@@ -125,8 +126,9 @@ def data_spec(args, task: str) -> str:
     max_tokens = 64 if args.smoke else MAX_TRAIN_TOKENS
     # mix=0.5: half the batches at a random shorter length, so the short ones stay learned
     # (the passkey's round 4 forgot them without it; docs/retrieval.md)
+    extra = f"&{args.data_options}" if args.data_options else ""
     return (f"babilong:{task}:{args.babi}?books={args.pg}?split=train&max_tokens={max_tokens}"
-            "&mix=0.5")  # fmt: skip
+            f"&mix=0.5{extra}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +277,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deadline", type=float, default=450.0, help="seconds from the start")
     parser.add_argument("--init", help="the folded model starts from this model's weights")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--data-options",
+        default="",
+        metavar="K=V&...",
+        help="more training-task options, e.g. 'uniform=true&straddle=0.5' (docs/data.md)",
+    )
     parser.add_argument(
         "--keep-models",
         action="store_true",

@@ -377,6 +377,7 @@ def test_babilong_gpu_smoke_trains_evaluates_and_packs(tmp_path, capsys):
     import tarfile
 
     from foldformer.data.babilong import TokenizedBackground, load_background
+    from foldformer.data.sources import build_batch_source
     from foldformer.data.tokenizers import ByteTokenizer
 
     babilong = load("babilong_gpu")
@@ -390,6 +391,12 @@ def test_babilong_gpu_smoke_trains_evaluates_and_packs(tmp_path, capsys):
     assert runs["no_memory"]["run"]["model"]["memory_len"] == 0
     assert runs["rmt"]["run"]["model"]["model_type"] == "rmt"
     assert all(abs(r["planned_parameters"] / target - 1) <= 0.10 for r in runs.values())
+    # --data-options reach the training task (round 7's levers on BABILong)
+    options = babilong.parse_args([*argv, "--data-options", "uniform=true&straddle=0.5"])
+    spec = babilong.data_spec(options, "qa1")
+    assert spec.endswith("&mix=0.5&uniform=true&straddle=0.5")
+    task = build_batch_source(spec, ByteTokenizer(), batch_size=2, seq_len=128, segment_len=16)
+    assert task.uniform and task.straddle == 0.5
     assert babilong.main([*argv, "--models", "folded"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "babilong.json",
