@@ -18,7 +18,7 @@ set -uo pipefail
 R=${1:?usage: passkey_round7.sh RESULTS_DIR [TRAIN_MINUTES] [DEADLINE_S]}
 MINUTES=${2:-5}
 DEADLINE=${3:-480}
-INIT=${INIT:-.carry/round5/final}
+INIT=${INIT:-benchmarks/results/h200/retrieval/round5/clamp_st_mixed/final}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$R"
 levers="mix=0.5&window=256&uniform=true&shuffle=true&straddle=0.5"

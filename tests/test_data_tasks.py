@@ -438,9 +438,11 @@ def test_babilong_straddle_builds_whole_folds_and_leaves_other_rows_alone(tmp_pa
         start = next(i for i, t in enumerate(row.labels) if t != IGNORE_INDEX) + 1
         return len(row.ids[:start]), len(row.ids) - start, row.ids
 
-    for seed in range(10):  # as eval babilong builds them: every answer starts a new fold
+    for seed in range(10):  # as babilong_gpu.py builds them: every answer starts a new fold
         prompt, answer, _ = prompt_and_answer(every, seed)
         assert prompt == 512 and answer_straddles(prompt, answer, 16)
+        # a level between whole folds (uniform mixing draws any): the whole folds within it
+        assert prompt_and_answer(every, seed, level=500)[0] == 496
     # the default rows are the rows built without the option
     for seed in range(10):
         rng = np.random.default_rng(seed)

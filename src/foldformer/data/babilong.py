@@ -274,7 +274,8 @@ class BabilongTask(SyntheticTask):
     the model is trained to produce the answer and a "." after "Answer:" (labels on those only).
     Samples come from the training split of the bAbI file (see `split_babi`). straddle: a
     training option, the fraction of rows built to exactly a whole number of folds (the
-    answer across a fold boundary, as in every `eval babilong` prompt).
+    answer across a fold boundary, as in `eval babilong --exact` at a multiple of w); it
+    applies to `eval_batch`'s held-out rows too, which follow the training distribution.
     """
 
     name = "babilong"
@@ -334,7 +335,8 @@ class BabilongTask(SyntheticTask):
         pool = self.validation_samples if validation else self.train_samples
         sample = pool[int(rng.integers(0, len(pool)))]
         # straddle: this fraction of rows is built to exactly a whole number of folds, as
-        # `eval babilong` builds its prompts: the answer then starts a new fold and is written
+        # `eval babilong --exact` and babilong_gpu.py build their prompts at lengths that are
+        # multiples of w: the answer then starts a new fold and is written
         # with the question in memory only (docs/retrieval.md, "answers across a fold"). A
         # prompt of `level` tokens otherwise falls short by part of a sentence, and its answer
         # crosses a fold boundary in a few rows only. Drawn only when asked: the other rows
