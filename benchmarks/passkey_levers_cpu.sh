@@ -6,7 +6,8 @@
 # prompt (MAX_FOLDS * 32 tokens), 10 keys a cell, depths 0 / 0.5 / 1.
 #
 #   bash benchmarks/passkey_levers_cpu.sh RESULTS_DIR [MINUTES] [MAX_FOLDS]
-#   SEEDS="0" ARMS="levers" LENGTHS=512 ...   # fewer runs (tests use a toy call)
+#   SEEDS="0" ARMS="levers" LENGTHS=512 ...   # other runs; ARMS from plain, uniform,
+#                                             # uniform_shuffle, levers (all three options)
 set -euo pipefail
 R=${1:?usage: passkey_levers_cpu.sh RESULTS_DIR [MINUTES] [MAX_FOLDS]}
 MINUTES=${2:-15}
@@ -22,6 +23,8 @@ spec() {  # ARM
   local base="synthetic:passkey?max_folds=$MAX_FOLDS&mix=0.5&window=256"
   case $1 in
     plain) echo "$base" ;;
+    uniform) echo "$base&uniform=true" ;;
+    uniform_shuffle) echo "$base&uniform=true&shuffle=true" ;;
     levers) echo "$base&uniform=true&shuffle=true&straddle=0.5" ;;
     *) echo "unknown arm $1" >&2; return 1 ;;
   esac
