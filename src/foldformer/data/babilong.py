@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from foldformer.data.streams import IGNORE_INDEX, Batch
-from foldformer.data.synthetic import Curriculum, SyntheticTask, _answer_row, _Row
+from foldformer.data.synthetic import Curriculum, SyntheticTask, _answer_row, _Row, check_fraction
 from foldformer.data.text import DataError, iter_documents
 from foldformer.data.tokenizers import Tokenizer
 
@@ -296,13 +296,7 @@ class BabilongTask(SyntheticTask):
         straddle: float = 0.0,
         **kwargs: Any,
     ):
-        if (
-            isinstance(straddle, bool)
-            or not isinstance(straddle, (int, float))
-            or not (0 <= straddle <= 1)
-        ):
-            raise ValueError(f"straddle is a fraction of rows in [0, 1], got {straddle!r}")
-        self.straddle = float(straddle)
+        self.straddle = check_fraction("straddle", straddle)
         samples = babi if isinstance(babi, list) else load_babi(babi_file(task, babi))
         self.train_samples, self.validation_samples = split_babi(samples, validation_fraction)
         if background is None:
@@ -342,9 +336,8 @@ class BabilongTask(SyntheticTask):
         # crosses a fold boundary in a few rows only. Drawn only when asked: the other rows
         # are unchanged.
         n_tokens, exact = level, False
-        if self.straddle and rng.random() < self.straddle:
-            whole = level // self.segment_len * self.segment_len
-            n_tokens, exact = (whole, True) if whole else (level, False)
+        if self.straddle and rng.random() < self.straddle and level >= self.segment_len:
+            n_tokens, exact = level // self.segment_len * self.segment_len, True
         example = build_babilong_sample(
             sample, self.background, n_tokens, self.tokenizer, rng, exact=exact
         )

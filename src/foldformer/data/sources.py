@@ -70,33 +70,19 @@ class DataSpec:
         if self.kind == "synthetic":
             from foldformer.data.synthetic import TASKS
 
-            try:  # a bad option value ("mix=2", "uniform=yes"): one line naming the task
-                return TASKS[self.task](
-                    segment_len=segment_len, tokenizer=tokenizer, **common, **self.options
-                )
-            except DataError:
-                raise
-            except ValueError as error:
-                raise DataError(f"data spec synthetic:{self.task}: {error}") from None
-        from foldformer.data.babilong import BabilongTask
+            task, options = TASKS[self.task], dict(self.options)
+        else:
+            from foldformer.data.babilong import BabilongTask
 
-        options = dict(self.options)
-        babi = options.pop("babi")
-        background = options.pop("books", None)
+            task, options = BabilongTask, dict(self.options)
+            options.update(babi=options.pop("babi"), background=options.pop("books", None))
+            options["task"] = self.task
         try:  # a bad option value ("mix=2", "straddle=2"): one line naming the task
-            return BabilongTask(
-                segment_len=segment_len,
-                babi=babi,
-                background=background,
-                task=self.task,
-                tokenizer=tokenizer,
-                **common,
-                **options,
-            )
+            return task(segment_len=segment_len, tokenizer=tokenizer, **common, **options)
         except DataError:
             raise
         except ValueError as error:
-            raise DataError(f"data spec babilong:{self.task}: {error}") from None
+            raise DataError(f"data spec {self.kind}:{self.task}: {error}") from None
 
 
 def _convert(value: str) -> Any:

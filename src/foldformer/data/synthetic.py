@@ -152,6 +152,13 @@ class _Row:
     labels: list[int]
 
 
+def check_fraction(name: str, value: Any) -> float:
+    """A task option that is a fraction of rows (`straddle`): a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} is a fraction of rows in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _answer_row(prompt: list[int], answer: list[int]) -> _Row:
     """prompt + answer, with labels on the answer tokens only (already shifted)."""
     ids = list(prompt) + list(answer)
@@ -431,13 +438,8 @@ class PasskeyTask(SyntheticTask):
 
         if not isinstance(shuffle, bool):
             raise ValueError(f"shuffle must be true or false, got {shuffle!r}")
-        if (
-            isinstance(straddle, bool)
-            or not isinstance(straddle, (int, float))
-            or not (0 <= straddle <= 1)
-        ):
-            raise ValueError(f"straddle is a fraction of rows in [0, 1], got {straddle!r}")
-        self._build, self.shuffle, self.straddle = build_passkey_prompt, shuffle, float(straddle)
+        self._build, self.shuffle = build_passkey_prompt, shuffle
+        self.straddle = check_fraction("straddle", straddle)
         super().__init__(batch_size, segment_len, **kwargs)
 
     def make_row(self, rng: np.random.Generator, level: int) -> _Row:
