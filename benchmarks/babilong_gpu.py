@@ -4,7 +4,8 @@ of at most 16K tokens, then asked bAbI questions hidden in 0 to 1M (or 10M) toke
 
     PYTHONPATH=src python3 benchmarks/babilong_gpu.py --pg PG_ARCHIVE --babi BABI_DIR --out OUT \\
         [--models folded,rmt,no_memory] [--tasks qa1] [--minutes 2.5] \\
-        [--lengths 0,4K,16K,128K,1M] [--samples 100] [--deadline 450] [--init MODEL_DIR] \\
+        [--lengths 0,4K,16K,128K,1M] [--samples 100] [--deadline 450] \\
+        [--models folded,folded_init --init MODEL_DIR] \\
         [--set key=value ...] [--data-options 'uniform=true&straddle=0.5']
     SMOKE=1 PYTHONPATH=src python3 benchmarks/babilong_gpu.py ... --out OUT   # CPU, toy sizes
 
@@ -13,10 +14,11 @@ preset at w = m = 128, d = 128, 2 layers, memory gate clamp_st); `--set` changes
 every model (`--set model.d_model=256`, `--set train.lr=3e-4`). RMT and no-memory take its shape
 from `baseline_configs` and their d_ff from `match_parameters` (non-embedding parameters within
 10% of the folded model's, as `foldformer compare` does); the counts are checked again on the
-trained checkpoints. `--init` starts the folded model from another run's weights
-(train.init_from: its shape must be the recipe's); the others start from scratch.
+trained checkpoints. `folded_init` is the folded model started from the weights of `--init`
+(train.init_from: its shape must be the recipe's, e.g. the passkey model), so a call can train
+it beside the folded model from scratch; the others start from scratch.
 
-Data. Training: `babilong:TASK:BABI?books=PG?split=train&max_tokens=16384&mix=0.5` (the
+Data. Training: `babilong:TASK:BABI?books=PG?split=train&max_tokens=16384&mix=0.5` (`--max-train-tokens`; the
 curriculum 0, 256, 512, ... 16K tokens, moving on at 90% answer accuracy, half the batches at a
 random shorter length; background from the pg training authors; the answer and its "." labelled;
 `--data-options` appends more task options), questions from the first 90% of the stories of the task's bAbI train file.
@@ -66,6 +68,8 @@ from passkey_gpu import RECIPE  # noqa: E402  (the folded recipe, shared)
 
 SMOKE = os.environ.get("SMOKE") == "1"
 MAX_TRAIN_TOKENS = 16384
+MODELS = ("folded", "folded_init", "rmt", "no_memory")
+FOLDED_INIT = "folded_init"  # the folded model, started from --init's weights
 # Toy sizes for a CPU: every stage runs, in seconds.
 SMOKE_SET = {
     "model.d_model": "32",
@@ -105,25 +109,27 @@ def plan(args) -> tuple[int, dict[str, dict]]:
     overrides = base_overrides(args)
     folded = load_run_config(None, "tiny", overrides).to_dict()
     base = config_values(folded["model"])
-    configs = baseline_configs(base, names=sorted(set(args.models) | {"folded"}))
+    names = {"folded" if name == FOLDED_INIT else name for name in args.models} | {"folded"}
+    configs = baseline_configs(base, names=sorted(names))
     target = count_parameters("folded", config_values(configs["folded"]))
     runs = {}
     for name in args.models:
-        model_type = configs[name]["model_type"]
-        if name == "folded":
+        kind = "folded" if name == FOLDED_INIT else name
+        model_type = configs[kind]["model_type"]
+        if kind == "folded":
             values, count = config_values(configs["folded"]), target
         else:
-            values, count = match_parameters(model_type, configs[name], target)
+            values, count = match_parameters(model_type, configs[kind], target)
         run = {**folded, "model": {"model_type": model_type, **values}}
         run["train"] = dict(folded["train"])
-        if name == "folded" and args.init:
+        if name == FOLDED_INIT:
             run["train"]["init_from"] = args.init
         runs[name] = {"run": run, "planned_parameters": count}
     return target, runs
 
 
 def data_spec(args, task: str) -> str:
-    max_tokens = 64 if args.smoke else MAX_TRAIN_TOKENS
+    max_tokens = 64 if args.smoke else args.max_train_tokens
     # mix=0.5: half the batches at a random shorter length, so the short ones stay learned
     # (the passkey's round 4 forgot them without it; docs/retrieval.md)
     extra = f"&{args.data_options}" if args.data_options else ""
@@ -273,9 +279,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", default="qa1")
     parser.add_argument("--minutes", type=float, default=2.5, help="training cap per process")
     parser.add_argument("--lengths", default="0,4K,16K,128K,1M")
+    parser.add_argument(
+        "--max-train-tokens",
+        type=int,
+        default=MAX_TRAIN_TOKENS,
+        help="the curriculum's longest prompt (at most 16K: issue 13; 8K keeps four "
+        "processes at batch 128 within one H200's memory)",
+    )
     parser.add_argument("--samples", type=int, default=100, help="questions per length")
     parser.add_argument("--deadline", type=float, default=450.0, help="seconds from the start")
-    parser.add_argument("--init", help="the folded model starts from this model's weights")
+    parser.add_argument("--init", help=f"the {FOLDED_INIT} model starts from this model's weights")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--data-options",
@@ -304,14 +317,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not getattr(args, flag):
             parser.error(f"--{flag} is required")
     args.models, args.tasks = args.models.split(","), args.tasks.split(",")
-    for kind, names, known in (("model", args.models, ("folded", "rmt", "no_memory")),
+    for kind, names, known in (("model", args.models, MODELS),
                                ("task", args.tasks, BABI_TASKS)):  # fmt: skip
         unknown = [n for n in names if n not in known]
         if unknown:
             parser.error(f"--{kind}s: unknown {unknown}; known: {', '.join(known)}")
-    for path in (args.pg, args.babi) + ((args.trained,) if args.trained else ()):
+    if (FOLDED_INIT in args.models) != bool(args.init):
+        parser.error(f"--init and --models {FOLDED_INIT} go together: --init starts that model")
+    for path in (args.pg, args.babi) + tuple(p for p in (args.trained, args.init) if p):
         if not Path(path).exists():
             parser.error(f"{path!r} does not exist")
+    if not 0 < args.max_train_tokens <= MAX_TRAIN_TOKENS:
+        parser.error(
+            f"--max-train-tokens {args.max_train_tokens}: must be in 1..{MAX_TRAIN_TOKENS}"
+        )
     if args.samples < 1:
         parser.error(f"--samples {args.samples}: must be >= 1")
     return args
@@ -394,7 +413,8 @@ def run(args) -> int:
         r["planned_parameters"] = runs[name]["planned_parameters"]
         r["parameter_ratio"] = r.get("parameters", r["planned_parameters"]) / target
         r["matched"] = abs(r["parameter_ratio"] - 1) <= 0.10
-        r["description"] = BASELINES[name][1]
+        r["description"] = (f"folded, started from {args.init}" if name == FOLDED_INIT
+                            else BASELINES[name][1])  # fmt: skip
         for c in r["cells"]:
             if "accuracy" in c:
                 c["interval"] = wilson_interval(c["correct"], c["n"])

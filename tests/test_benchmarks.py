@@ -451,6 +451,19 @@ def test_babilong_gpu_keeps_models_and_evaluates_them_again_without_training(tmp
     assert [c["correct"] for c in after["cells"]] == [c["correct"] for c in before["cells"]]
     with pytest.raises(SystemExit, match="no folded_qa1/model/config.json"):
         babilong.main([*common, "--out", str(tmp_path / "bad"), "--trained", str(tmp_path)])
+    # folded_init: the folded model started from a trained model's weights, beside the others
+    model_dir = f"{trained}/folded_qa1/model"
+    init = [a for a in common if a != "folded"] + ["folded_init,rmt", "--init", model_dir]
+    target, runs = babilong.plan(babilong.parse_args([*init, "--out", str(tmp_path / "i")]))
+    assert runs["folded_init"]["run"]["train"]["init_from"] == model_dir
+    folded = json.loads((first / "babilong.json").read_text())["runs"]["folded"]
+    assert runs["folded_init"]["run"]["model"] == folded["model"]
+    assert runs["folded_init"]["planned_parameters"] == target
+    assert not runs["rmt"]["run"]["train"].get("init_from")
+    for bad in (["--models", "folded_init"], ["--models", "folded", "--init", model_dir]):
+        argv = [a for a in common if a not in ("--models", "folded")] + bad
+        with pytest.raises(SystemExit):
+            babilong.parse_args([*argv, "--out", str(tmp_path / "bad")])
 
 
 def test_passkey_trace_and_folds_ask_where_eval_passkey_asks(tmp_path):
