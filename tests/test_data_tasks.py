@@ -465,3 +465,51 @@ def test_babilong_straddle_builds_whole_folds_and_leaves_other_rows_alone(tmp_pa
             build_batch_source(f"{spec}&straddle={bad}", tok, 2, 64, 16)
     with pytest.raises(DataError, match=r"^data spec babilong:qa1: curriculum mix"):
         build_batch_source(f"{spec}&mix=2", tok, 2, 64, 16)
+
+
+@pytest.mark.parametrize("task", ["qa1", "qa2"])
+def test_babilong_permute_renames_entities_and_keeps_every_answer_true(task, tmp_path):
+    """permute=true renames a training sample's people, places and objects by one permutation
+    per class (so a model cannot answer from a remembered story): the answer is still in a
+    supporting fact, the story's words of each class are a permutation of the original's, the
+    rest of the text is unchanged; held-out rows and the default rows are not renamed."""
+    import re
+
+    from foldformer.data.babilong import babi_file, entity_classes, load_babi, permute_entities
+
+    samples = load_babi(babi_file(task, BABI))
+    classes = entity_classes(samples)
+    assert ("Daniel", "John", "Mary", "Sandra") in classes
+    assert ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office") in classes
+    entities = {w for names in classes for w in names}
+    renamed_any = 0
+    for seed, sample in enumerate(samples):
+        new = permute_entities(sample, classes, np.random.default_rng(seed))
+        assert any(re.search(rf"\b{new.answer}\b", new.facts[i]) for i in new.supporting)
+        renamed_any += new != sample
+        for old_text, new_text in zip(
+            (*sample.facts, sample.question), (*new.facts, new.question), strict=True
+        ):
+            old_words, new_words = old_text.split(), new_text.split()
+            assert len(old_words) == len(new_words)
+            for a, b in zip(old_words, new_words, strict=True):
+                core = a.strip(".?")
+                assert (a == b) if core not in entities else (b.strip(".?") in entities)
+        # one bijection: equal words stay equal, different words stay different
+        pairs = {(a, b) for f, g in zip(sample.facts, new.facts, strict=True)
+                 for a, b in zip(f.split(), g.split(), strict=True)}  # fmt: skip
+        assert len({a for a, _ in pairs}) == len(pairs) == len({b for _, b in pairs})
+    assert renamed_any >= 0.9 * len(samples)
+    (tmp_path / "book.txt").write_text(" ".join(BACKGROUND * 20))
+    spec = f"babilong:{task}:{BABI}?books={tmp_path / 'book.txt'}&lengths=0,512"
+    permuted = build_batch_source(
+        spec + "&permute=true", tok, batch_size=2, seq_len=64, segment_len=16
+    )
+    plain = build_batch_source(spec, tok, batch_size=2, seq_len=64, segment_len=16)
+    rows = [permuted.make_row(np.random.default_rng(s), 0).ids for s in range(20)]
+    assert (
+        sum(r != plain.make_row(np.random.default_rng(s), 0).ids for s, r in enumerate(rows)) >= 10
+    )
+    for s in range(5):  # held-out rows are the stories as written
+        a = permuted.make_row(np.random.default_rng(s), 0, validation=True).ids
+        assert a == plain.make_row(np.random.default_rng(s), 0, validation=True).ids

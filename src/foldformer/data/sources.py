@@ -10,13 +10,15 @@
     babilong:qa1[:BABI][?options]   BabilongTask; BABI is a bAbI directory or file (default:
                                     $FOLDFORMER_BABI); options: books=PATH (background text),
                                     lengths=0,256,1024, max_tokens, threshold, window, mix,
-                                    uniform
+                                    uniform, straddle, permute
 
 mix: the probability that a batch is at a shorter length than the curriculum's; uniform=true:
 such a batch has any length from the first level up to the current one (folds; tokens for
 BABILong), not only a lower level. Passkey training only: shuffle=true puts each group of five
 filler sentences in a random order; straddle=P shortens a fraction P of the rows until the
-answer crosses a fold boundary (docs/retrieval.md).
+answer crosses a fold boundary (docs/retrieval.md); for BABILong, straddle=P builds a fraction
+P of the rows to whole folds, and permute=true renames each training story's people, places and
+objects by a random permutation (so a story cannot be remembered).
 
 Example: ``synthetic:recall?key_len=3&max_folds=512`` or
 ``babilong:qa1:../shared/data/babi/en-10k?books=../shared/data/books&max_tokens=2048``.
