@@ -370,6 +370,33 @@ def tiny_pg_archive(tmp_path: Path) -> Path:
     return archive
 
 
+def test_make_pg_small_keeps_the_validation_split_and_one_book_per_training_author(tmp_path):
+    """benchmarks/make_pg_small.py (the GPU carry's pg subset): the validation background is
+    the full archive's, sentence for sentence; each training author keeps its first book."""
+    import io
+    import tarfile
+
+    from foldformer.data.babilong import load_background
+
+    archive = tiny_pg_archive(tmp_path)
+    with tarfile.open(tmp_path / "two.tar", "w") as tar:
+        with tarfile.open(archive) as old:
+            for member in old.getmembers():
+                tar.addfile(member, old.extractfile(member))
+        for title in ("a-first.txt", "b-second.txt", "c-third.txt"):
+            text = f"The {title} of Austen, sentence one. And sentence two is here."
+            info = tarfile.TarInfo(f"pg/austen-jane/{title}")
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    small = tmp_path / "small.tar.xz"
+    load("make_pg_small").main(str(tmp_path / "two.tar"), str(small))
+    with tarfile.open(small) as tar:
+        austen = sorted(n for n in tar.getnames() if n.startswith("pg/austen-jane/"))
+    assert austen == ["pg/austen-jane/a-first.txt"]
+    full = load_background(f"{tmp_path / 'two.tar'}?split=validation")
+    assert load_background(f"{small}?split=validation") == full and len(full) > 100
+
+
 def test_babilong_gpu_smoke_trains_evaluates_and_packs(tmp_path, capsys):
     """benchmarks/babilong_gpu.py --smoke end to end on a CPU (one model; the matched plan for
     all three): every length evaluated on the validation authors' books, and the JSON, the plot
