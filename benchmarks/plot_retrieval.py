@@ -1,6 +1,6 @@
 """Figures of docs/retrieval.md from the committed records.
 
-    python benchmarks/plot_retrieval.py    # writes the five figures below in docs/
+    python benchmarks/plot_retrieval.py    # writes the six figures below in docs/
 
 Reads benchmarks/results/cpu_retention/*/retention.json (benchmarks/retention.py) for
 docs/retrieval_diagnosis.png; benchmarks/results/h200/retrieval/round3/passkey_*/eval_*/passkey.json
@@ -8,7 +8,8 @@ docs/retrieval_diagnosis.png; benchmarks/results/h200/retrieval/round3/passkey_*
 (passkey_round5.sh, then passkey_gpu.py --eval-only for 4M and 16M) for
 docs/passkey_round5_h200.png; round7/scratch/eval/passkey_N.json (passkey_round7.sh, then
 --eval-only for 4M and 16M) for docs/passkey_round7_h200.png; benchmarks/results/h200/babilong/*/babilong.json
-(babilong_gpu.py) for docs/babilong_h200.png.
+(babilong_gpu.py) for docs/babilong_h200.png; babilong/round8/*/babilong.json for
+docs/babilong_round8_h200.png.
 """
 
 from __future__ import annotations
@@ -156,6 +157,38 @@ def babilong(path: Path) -> None:
     plt.close(fig)
 
 
+def babilong_round8(path: Path) -> None:
+    """qa1 in round 8 (round8/README.md): one line per model, its cells from every call that
+    evaluated it (call 3 asked call 2's folded model at 10M and its RMT at 1M)."""
+    calls = H200.parent.parent / "babilong" / "round8"
+    call2 = ("call2_permute", "call3_long/folded_10M", "call3_long/rmt_1M")
+    lines = (("folded, 7 min", "C3o-", call2, "folded"),
+             ("folded, 7 + 4 min", "C1D-", ("call4_continued",), "folded_init"),
+             ("RMT, 7 min", "C0s-", call2, "rmt"),
+             ("no memory, 7 min", "k^:", call2, "no_memory"),
+             ("folded, 6.5 min, without permute", "C3o:", ("call1_memorised",), "folded"))  # fmt: skip
+    data = []
+    for label, style, folders, model in lines:
+        cells = {c["length"]: c["accuracy"] for folder in folders
+                 for r in json.loads((calls / folder / "babilong.json").read_text())["results"]
+                 if r["model"] == model for c in r["cells"] if "accuracy" in c}  # fmt: skip
+        data.append((label, style, cells))
+    lengths = sorted({n for _, _, c in data for n in c})
+    fig, ax = plt.subplots(figsize=(8.6, 3.8))
+    for label, style, c in data:
+        xs = [i for i, n in enumerate(lengths) if n in c]
+        ax.plot(xs, [c[lengths[i]] for i in xs], style, label=label)
+    ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(lengths)), [format_size(n) for n in lengths])
+    ax.set(ylim=(-0.02, 1.02), xlabel="context length (tokens)", ylabel="accuracy",
+           title="BABILong qa1, round 8 (trained ≤ 8K tokens, 100 questions a point)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     diagnosis(ROOT / "docs" / "retrieval_diagnosis.png")
     passkey(ROOT / "docs" / "passkey_h200.png")
@@ -170,7 +203,8 @@ if __name__ == "__main__":
         "passkey, round 7 from scratch (trained ≤ 16K tokens), one H200",
     )
     babilong(ROOT / "docs" / "babilong_h200.png")
+    babilong_round8(ROOT / "docs" / "babilong_round8_h200.png")
     print(
         "wrote docs/retrieval_diagnosis.png, passkey_h200.png, passkey_round5_h200.png, "
-        "passkey_round7_h200.png, babilong_h200.png"
+        "passkey_round7_h200.png, babilong_h200.png, babilong_round8_h200.png"
     )
