@@ -575,3 +575,28 @@ def test_passkey_preset_is_the_round7_recipe():
     settings = {"max_minutes", "save_every", "progress", "compile", "device", "eval_batches"}
     differ = {k for k in preset["train"] if preset["train"][k] != round7["train"][k]}
     assert differ <= settings, differ
+
+
+def test_babilong_memorised_compares_training_and_held_out_questions(tmp_path):
+    """benchmarks/babilong_memorised.py: the same number of training and held-out questions,
+    asked on the story alone, with counts, intervals and the command in the record."""
+    from foldformer.data.tokenizers import ByteTokenizer
+    from foldformer.models import build_model
+
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    shape = dict(vocab_size=257, d_model=16, n_layers=1, n_heads=2, segment_len=16, memory_len=16)
+    build_model("folded", shape).save_pretrained(model)
+    ByteTokenizer().save(model)
+    babi = str(Path(__file__).resolve().parent / "fixtures" / "babi")
+    out = tmp_path / "memorised.json"
+    record = load("babilong_memorised").main(
+        [str(model), "--babi", babi, "--samples", "6", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    cells = record["models"][str(model)]
+    for split in ("train", "held_out"):
+        cell = cells[split]
+        assert cell["n"] == 6 and cell["accuracy"] == cell["correct"] / 6
+        assert cell["interval"][0] <= cell["accuracy"] <= cell["interval"][1]
+    assert record["command"].endswith(f"--out {out}")
