@@ -255,3 +255,17 @@ def test_the_command_reports_input_mistakes_in_one_line(tmp_path, capsys, monkey
     monkeypatch.setenv("FOLDFORMER_DEBUG", "1")  # the traceback, for whoever wants it
     with pytest.raises(ConfigError):
         console(["train", "--batch_size", "0", "--out", str(tmp_path / "r")])
+
+
+def test_progress_bar_counts_seconds_under_a_time_cap_and_steps_otherwise(tmp_path, capsys):
+    """With max_minutes the run ends on time, not at max_steps=1,000,000 (the presets' "no step
+    limit"): the bar counts seconds towards the cap and shows the step; without it, steps."""
+    data = ["synthetic:recall?key_len=1&n_folds=2&max_folds=2"]
+    common = dict(cache_dir=str(tmp_path / "c"), progress=True)
+    train(small_run(data, max_steps=1_000_000, max_minutes=0.02, **common), tmp_path / "timed")
+    timed = capsys.readouterr().err
+    assert "1/1 s [" in timed and "step=" in timed, timed[-300:]
+    assert "1000000" not in timed.replace(",", "")
+    train(small_run(data, max_steps=6, **common), tmp_path / "steps")
+    steps = capsys.readouterr().err
+    assert "6/6" in steps and "step=" not in steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,43 @@ class MetricLogger:
                 self.writer.close()
 
 
-def progress_bar(enabled: bool, total: int, step: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class TrainProgress:
+    """The training progress bar: in steps towards max_steps, or, when the run has a time cap
+    (max_minutes), in seconds towards it, with the step in the postfix. The preset's
+    max_steps=1,000,000 is "no step limit", so a bar of steps would stay near 0%."""
 
-    return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    def __init__(self, max_steps: int, step: int, max_seconds: float = 0.0):
+        from tqdm.auto import tqdm
+
+        self.max_steps, self.timed = max_steps, max_seconds > 0
+        self.started = time.time()
+        if self.timed:  # no rate: seconds per second says nothing
+            form = (
+                "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s [{elapsed}<{remaining}{postfix}]"
+            )
+            options = dict(total=max(1, round(max_seconds)), bar_format=form)
+        else:
+            options = dict(total=max_steps, initial=step, unit="step")
+        self.bar = tqdm(desc="train", dynamic_ncols=True, **options)
+        self.postfix: dict[str, str] = {}
+
+    def set_postfix(self, **values: str) -> None:
+        self.postfix.update(values)
+        self.bar.set_postfix(self.postfix, refresh=False)
+
+    def update(self, step: int) -> None:
+        """After step `step`."""
+        if not self.timed:
+            self.bar.update(1)
+            return
+        elapsed = min(time.time() - self.started, self.bar.total)
+        self.set_postfix(step=f"{step:,}")
+        self.bar.update(round(elapsed) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress_bar(enabled: bool, max_steps: int, step: int, max_seconds: float = 0.0):
+    """A `TrainProgress`, or None when the bar is off."""
+    return TrainProgress(max_steps, step, max_seconds) if enabled else None

@@ -342,8 +342,9 @@ class Trainer:
         resume_step = self.step if self.resumed else None
         self.logger = MetricLogger(self.out_dir, enabled=self.is_main, resume_step=resume_step)
         self.progress = progress_bar(
-            self.cfg.progress and self.is_main, self.cfg.max_steps, self.step
-        )
+            self.cfg.progress and self.is_main, self.cfg.max_steps, self.step,
+            60 * self.cfg.max_minutes,
+        )  # fmt: skip
         self.val_loss = None
         self.last_log, self.last_log_step = time.time(), self.step
 
@@ -387,7 +388,7 @@ class Trainer:
                     loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", **memory
                 )
         if self.progress is not None:
-            self.progress.update(1)
+            self.progress.update(step)
 
     def validate(self) -> None:
         self.val_loss = validate(
