@@ -70,6 +70,13 @@ SMOKE = os.environ.get("SMOKE") == "1"
 MAX_TRAIN_TOKENS = 16384
 MODELS = ("folded", "folded_init", "rmt", "no_memory")
 FOLDED_INIT = "folded_init"  # the folded model, started from --init's weights
+
+
+def base_model(name: str) -> str:
+    """The model an arm trains: folded_init is the folded model."""
+    return "folded" if name == FOLDED_INIT else name
+
+
 # Toy sizes for a CPU: every stage runs, in seconds.
 SMOKE_SET = {
     "model.d_model": "32",
@@ -109,12 +116,12 @@ def plan(args) -> tuple[int, dict[str, dict]]:
     overrides = base_overrides(args)
     folded = load_run_config(None, "tiny", overrides).to_dict()
     base = config_values(folded["model"])
-    names = {"folded" if name == FOLDED_INIT else name for name in args.models} | {"folded"}
+    names = {base_model(name) for name in args.models} | {"folded"}
     configs = baseline_configs(base, names=sorted(names))
     target = count_parameters("folded", config_values(configs["folded"]))
     runs = {}
     for name in args.models:
-        kind = "folded" if name == FOLDED_INIT else name
+        kind = base_model(name)
         model_type = configs[kind]["model_type"]
         if kind == "folded":
             values, count = config_values(configs["folded"]), target
@@ -322,8 +329,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [n for n in names if n not in known]
         if unknown:
             parser.error(f"--{kind}s: unknown {unknown}; known: {', '.join(known)}")
-    if (FOLDED_INIT in args.models) != bool(args.init):
-        parser.error(f"--init and --models {FOLDED_INIT} go together: --init starts that model")
+    if args.init and FOLDED_INIT not in args.models:
+        parser.error(f"--init starts the {FOLDED_INIT} model: add it to --models")
+    if FOLDED_INIT in args.models and not (args.init or args.trained):
+        parser.error(f"--models {FOLDED_INIT} needs --init (or --trained: an earlier call's)")
     for path in (args.pg, args.babi) + tuple(p for p in (args.trained, args.init) if p):
         if not Path(path).exists():
             parser.error(f"{path!r} does not exist")

@@ -8,6 +8,7 @@ author. BABILong records say when they were made with it (round 8 on).
 from __future__ import annotations
 
 import io
+import posixpath
 import sys
 import tarfile
 
@@ -34,8 +35,10 @@ def main(source: str, target: str) -> None:
                     chars += len(data)
                     out.addfile(member, io.BytesIO(data))
                 elif member.name.endswith("manifest.tsv"):  # the kept books' rows only
+                    folder = posixpath.dirname(member.name)  # rows are paths inside it
                     header, *rows = src.extractfile(member).read().decode().splitlines(True)
-                    text = header + "".join(r for r in rows if "pg/" + r.split("\t")[0] in keep)
+                    kept = [r for r in rows if posixpath.join(folder, r.split("\t")[0]) in keep]
+                    text = header + "".join(kept)
                     member.size = len(text.encode())
                     out.addfile(member, io.BytesIO(text.encode()))
     print(f"{target}: {len(keep)} of {len(books)} books, {chars:,} bytes of text")

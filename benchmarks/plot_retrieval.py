@@ -131,26 +131,41 @@ def passkey_grid(path: Path, run: Path, title: str) -> None:
     plot_passkey(cells, path, title)
 
 
+BABILONG = H200.parent.parent / "babilong"
+
+
+def accuracy_by_length(results: list[dict], model: str, task: str = "qa1") -> dict[int, float]:
+    """{length: accuracy} of one model and task over babilong_gpu.py results (several calls)."""
+    return {c["length"]: c["accuracy"] for r in results if (r["task"], r["model"]) == (task, model)
+            for c in r["cells"] if "accuracy" in c}  # fmt: skip
+
+
+def accuracy_panel(ax, lines: list[tuple[str, str, dict[int, float]]], title: str) -> None:
+    """One line per (label, style, {length: accuracy}), lengths evenly spaced."""
+    lengths = sorted({n for _, _, cells in lines for n in cells})
+    for label, style, cells in lines:
+        xs = [i for i, n in enumerate(lengths) if n in cells]
+        ax.plot(xs, [cells[lengths[i]] for i in xs], style, label=label)
+    ax.set_xticks(range(len(lengths)), [format_size(n) for n in lengths])
+    ax.set(ylim=(-0.02, 1.02), xlabel="context length (tokens)", ylabel="accuracy", title=title)
+    ax.grid(alpha=0.3)
+
+
+def results_of(*folders: str) -> list[dict]:
+    return [r for folder in folders
+            for r in json.loads((BABILONG / folder / "babilong.json").read_text())["results"]]  # fmt: skip
+
+
 def babilong(path: Path) -> None:
     """Accuracy against length, a panel per task, a line per model (the 10M cell of qa1 is the
     folded model's only, from a later call on the same weights)."""
-    results = [r for f in sorted((H200.parent.parent / "babilong").glob("qa*/babilong.json"))
-               for r in json.loads(f.read_text())["results"]]  # fmt: skip
+    results = results_of(*sorted(f.parent.name for f in BABILONG.glob("qa*/babilong.json")))
     tasks = sorted({r["task"] for r in results})
     styles = {"folded": "C3o-", "rmt": "C0s-", "no_memory": "k^:"}
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        lengths = sorted({c["length"] for r in results if r["task"] == task for c in r["cells"]})
-        for model, style in styles.items():
-            cells = {c["length"]: c["accuracy"] for r in results
-                     if (r["task"], r["model"]) == (task, model) for c in r["cells"]
-                     if "accuracy" in c}  # fmt: skip
-            xs = [i for i, n in enumerate(lengths) if n in cells]
-            ax.plot(xs, [cells[lengths[i]] for i in xs], style, label=model)
-        ax.set_xticks(range(len(lengths)), [format_size(n) for n in lengths])
-        ax.set(ylim=(-0.02, 1.02), xlabel="context length (tokens)", ylabel="accuracy",
-               title=f"BABILong {task} (100 questions a point)")  # fmt: skip
-        ax.grid(alpha=0.3)
+        lines = [(m, style, accuracy_by_length(results, m, task)) for m, style in styles.items()]
+        accuracy_panel(ax, lines, f"BABILong {task} (100 questions a point)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -160,29 +175,17 @@ def babilong(path: Path) -> None:
 def babilong_round8(path: Path) -> None:
     """qa1 in round 8 (round8/README.md): one line per model, its cells from every call that
     evaluated it (call 3 asked call 2's folded model at 10M and its RMT at 1M)."""
-    calls = H200.parent.parent / "babilong" / "round8"
-    call2 = ("call2_permute", "call3_long/folded_10M", "call3_long/rmt_1M")
-    lines = (("folded, 7 min", "C3o-", call2, "folded"),
-             ("folded, 7 + 4 min", "C1D-", ("call4_continued",), "folded_init"),
-             ("RMT, 7 min", "C0s-", call2, "rmt"),
-             ("no memory, 7 min", "k^:", call2, "no_memory"),
-             ("folded, 6.5 min, without permute", "C3o:", ("call1_memorised",), "folded"))  # fmt: skip
-    data = []
-    for label, style, folders, model in lines:
-        cells = {c["length"]: c["accuracy"] for folder in folders
-                 for r in json.loads((calls / folder / "babilong.json").read_text())["results"]
-                 if r["model"] == model for c in r["cells"] if "accuracy" in c}  # fmt: skip
-        data.append((label, style, cells))
-    lengths = sorted({n for _, _, c in data for n in c})
+    call2_and_3 = results_of("round8/call2_permute", "round8/call3_long/folded_10M",
+                             "round8/call3_long/rmt_1M")  # fmt: skip
+    continued, call1 = results_of("round8/call4_continued"), results_of("round8/call1_memorised")
+    lines = [("folded, 7 min", "C3o-", accuracy_by_length(call2_and_3, "folded")),
+             ("folded, 7 + 4 min", "C1D-", accuracy_by_length(continued, "folded_init")),
+             ("RMT, 7 min", "C0s-", accuracy_by_length(call2_and_3, "rmt")),
+             ("no memory, 7 min", "k^:", accuracy_by_length(call2_and_3, "no_memory")),
+             ("folded, 6.5 min, without permute", "C3o:", accuracy_by_length(call1, "folded"))]  # fmt: skip
     fig, ax = plt.subplots(figsize=(8.6, 3.8))
-    for label, style, c in data:
-        xs = [i for i, n in enumerate(lengths) if n in c]
-        ax.plot(xs, [c[lengths[i]] for i in xs], style, label=label)
+    accuracy_panel(ax, lines, "BABILong qa1, round 8 (trained ≤ 8K tokens, 100 questions a point)")
     ax.axhline(0.9, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(lengths)), [format_size(n) for n in lengths])
-    ax.set(ylim=(-0.02, 1.02), xlabel="context length (tokens)", ylabel="accuracy",
-           title="BABILong qa1, round 8 (trained ≤ 8K tokens, 100 questions a point)")  # fmt: skip
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -383,16 +383,24 @@ def test_make_pg_small_keeps_the_validation_split_and_one_book_per_training_auth
         with tarfile.open(archive) as old:
             for member in old.getmembers():
                 tar.addfile(member, old.extractfile(member))
+        rows = ["path\tauthor\n"]
         for title in ("a-first.txt", "b-second.txt", "c-third.txt"):
             text = f"The {title} of Austen, sentence one. And sentence two is here."
             info = tarfile.TarInfo(f"pg/austen-jane/{title}")
             info.size = len(text.encode())
             tar.addfile(info, io.BytesIO(text.encode()))
+            rows.append(f"austen-jane/{title}\tAusten, Jane\n")
+        manifest = "".join(rows).encode()
+        info = tarfile.TarInfo("pg/manifest.tsv")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
     small = tmp_path / "small.tar.xz"
     load("make_pg_small").main(str(tmp_path / "two.tar"), str(small))
     with tarfile.open(small) as tar:
         austen = sorted(n for n in tar.getnames() if n.startswith("pg/austen-jane/"))
+        manifest = tar.extractfile("pg/manifest.tsv").read().decode()
     assert austen == ["pg/austen-jane/a-first.txt"]
+    assert manifest == "path\tauthor\nausten-jane/a-first.txt\tAusten, Jane\n"
     full = load_background(f"{tmp_path / 'two.tar'}?split=validation")
     assert load_background(f"{small}?split=validation") == full and len(full) > 100
 
@@ -577,11 +585,23 @@ def test_passkey_preset_is_the_round7_recipe():
     assert differ <= settings, differ
 
 
-def test_babilong_memorised_compares_training_and_held_out_questions(tmp_path):
-    """benchmarks/babilong_memorised.py: the same number of training and held-out questions,
-    asked on the story alone, with counts, intervals and the command in the record."""
+def test_babilong_memorised_compares_training_and_held_out_questions(tmp_path, monkeypatch):
+    """benchmarks/babilong_memorised.py: the same number of questions from the training
+    stories and from the held-out ones (split_babi), on the story alone, with counts,
+    intervals and the command in the record."""
+    from foldformer.data.babilong import babi_file, load_babi, split_babi
     from foldformer.data.tokenizers import ByteTokenizer
     from foldformer.models import build_model
+
+    memorised = load("babilong_memorised")
+    asked = []  # (pool, lengths) of every call
+
+    def recording(pool, background, lengths, n, tokenizer, seed=0):
+        asked.append((list(pool), list(lengths), background))
+        return build_eval_samples(pool, background, lengths, n, tokenizer, seed=seed)
+
+    build_eval_samples = memorised.build_eval_samples
+    monkeypatch.setattr(memorised, "build_eval_samples", recording)
 
     torch.manual_seed(0)
     model = tmp_path / "model"
@@ -590,9 +610,9 @@ def test_babilong_memorised_compares_training_and_held_out_questions(tmp_path):
     ByteTokenizer().save(model)
     babi = str(Path(__file__).resolve().parent / "fixtures" / "babi")
     out = tmp_path / "memorised.json"
-    record = load("babilong_memorised").main(
-        [str(model), "--babi", babi, "--samples", "6", "--out", str(out)]
-    )
+    record = memorised.main([str(model), "--babi", babi, "--samples", "6", "--out", str(out)])
+    train, held_out = split_babi(load_babi(babi_file("qa1", babi)))
+    assert asked == [(train, [0], []), (held_out, [0], [])]
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     cells = record["models"][str(model)]
     for split in ("train", "held_out"):

@@ -74,11 +74,13 @@ class TrainProgress:
     (max_minutes), in seconds towards it, with the step in the postfix. The preset's
     max_steps=1,000,000 is "no step limit", so a bar of steps would stay near 0%."""
 
-    def __init__(self, max_steps: int, step: int, max_seconds: float = 0.0):
+    def __init__(
+        self, max_steps: int, step: int, max_seconds: float = 0.0, started: float | None = None
+    ):
         from tqdm.auto import tqdm
 
         self.max_steps, self.timed = max_steps, max_seconds > 0
-        self.started = time.time()
+        self.started = time.time() if started is None else started  # the time cap's clock
         if self.timed:  # no rate: seconds per second says nothing
             form = (
                 "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s [{elapsed}<{remaining}{postfix}]"
@@ -99,13 +101,15 @@ class TrainProgress:
             self.bar.update(1)
             return
         elapsed = min(time.time() - self.started, self.bar.total)
-        self.set_postfix(step=f"{step:,}")
-        self.bar.update(round(elapsed) - self.bar.n)
+        self.set_postfix(step=f"{step:,}/{self.max_steps:,}")  # whichever limit comes first
+        self.bar.update(int(elapsed) - self.bar.n)  # whole seconds: 100% only at the cap
 
     def close(self) -> None:
         self.bar.close()
 
 
-def progress_bar(enabled: bool, max_steps: int, step: int, max_seconds: float = 0.0):
+def progress_bar(
+    enabled: bool, max_steps: int, step: int, max_seconds: float = 0.0, started: float | None = None
+):
     """A `TrainProgress`, or None when the bar is off."""
-    return TrainProgress(max_steps, step, max_seconds) if enabled else None
+    return TrainProgress(max_steps, step, max_seconds, started) if enabled else None

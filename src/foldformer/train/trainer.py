@@ -308,7 +308,7 @@ class Trainer:
         """Steps until max_steps (or max_minutes, or Ctrl-C), validating and saving on the
         way; returns the summary."""
         cfg, started = self.cfg, time.time()
-        self.open_metrics()
+        self.open_metrics(started)
         try:
             with interrupt_flag() as interrupted:
                 while self.step < cfg.max_steps:
@@ -338,12 +338,12 @@ class Trainer:
         """Every n steps, and at the last."""
         return self.step % n == 0 or self.step == self.cfg.max_steps
 
-    def open_metrics(self) -> None:
+    def open_metrics(self, started: float) -> None:
         resume_step = self.step if self.resumed else None
         self.logger = MetricLogger(self.out_dir, enabled=self.is_main, resume_step=resume_step)
         self.progress = progress_bar(
             self.cfg.progress and self.is_main, self.cfg.max_steps, self.step,
-            60 * self.cfg.max_minutes,
+            60 * self.cfg.max_minutes, started,
         )  # fmt: skip
         self.val_loss = None
         self.last_log, self.last_log_step = time.time(), self.step
