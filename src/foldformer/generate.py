@@ -733,8 +733,8 @@ class Engine:
         if not (checkpoint / "config.json").is_file() and (checkpoint / "final").is_dir():
             checkpoint = checkpoint / "final"  # a training run's folder
         model = load_model(checkpoint, device=device)
-        if compile and hasattr(model, "compile_fold"):
-            model.compile_fold()
+        if compile:
+            model.compile_fold()  # a no-op for a model without a segment step
         return cls(model, load_tokenizer(checkpoint), cuda_graph=cuda_graph)
 
     @property

@@ -395,6 +395,7 @@ class RMTHFDecoder(HFStreamingLM):
         self.to(self.embed.weight.dtype)
 
     initial_state = RecurrentMemoryTransformer.initial_state
+    complete_fold = RecurrentMemoryTransformer.complete_fold
     whole_segment = RecurrentMemoryTransformer.whole_segment
     partial_segment = RecurrentMemoryTransformer.partial_segment
     condense = RecurrentMemoryTransformer.condense

@@ -186,14 +186,6 @@ class FoldedTransformer(TransformerLM):
         """The state of a fresh stream: memory M0 in every row, no partial fold."""
         return FoldState(memory=self.initial_memory.unsqueeze(0).expand(batch_size, -1, -1))
 
-    def compile_fold(self, **compile_options) -> None:
-        """torch.compile the whole-fold step (the hot path of training and prefill). One fold
-        has fixed shapes, so it compiles once; the loop over folds stays in Python."""
-        # The first fold of a call sees a memory that requires grad (M0, a previous fold) or
-        # not (carried and detached): a few graph variants, more than dynamo's default budget.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._fold_step = torch.compile(self.complete_fold, **compile_options)
-
     def stream_phase(self, position: int) -> int:
         """Every fold starts from a memory and uses positions 0 … m+w−1, so two streams at
         the same place in their folds compute alike, whatever fold each is in."""
@@ -226,8 +218,7 @@ class FoldedTransformer(TransformerLM):
         return top  # (B, m + w [+ m], d) final-layer states
 
     def whole_segment(self, state: FoldState, segment: Tensor, rope) -> tuple[Tensor, FoldState]:
-        fold = getattr(self, "_fold_step", self.complete_fold)  # compiled by compile_fold
-        top = fold(state.memory, segment, *rope)  # (B, m + w [+ m], d)
+        top = self.fold_step(state.memory, segment, *rope)  # (B, m + w [+ m], d)
         m, w = self.config.memory_len, self.config.segment_len
         return top[:, m : m + w], self.condense(FoldState(state.memory, top=top))
 

@@ -201,6 +201,28 @@ class StreamingLM(nn.Module):
         """The state after a segment completed by `partial_segment` -> the next segment's."""
         raise NotImplementedError
 
+    # A pure function of tensors for one whole segment (the hot path of training and prefill),
+    # which `whole_segment` calls through `fold_step`; a model that has one can compile it.
+    complete_fold = None
+
+    @property
+    def fold_step(self):
+        """`complete_fold`, compiled once `compile_fold` ran."""
+        return self.__dict__.get("_fold_step") or self.complete_fold
+
+    def compile_fold(self, **compile_options) -> bool:
+        """torch.compile the whole-segment step: one segment has fixed shapes, so it compiles
+        once, and the loop over segments stays in Python. False (nothing done) for a model
+        without a `complete_fold`."""
+        if self.complete_fold is None:
+            return False
+        # The first segment of a call sees a memory that requires grad (M0, a previous
+        # segment) or not (carried and detached): a few graph variants, more than dynamo's
+        # default budget.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._fold_step = torch.compile(self.complete_fold, **compile_options)
+        return True
+
     def stream_phase(self, position: int) -> int:
         """Streams whose states hold tokens up to equal phases may share a batch: the next
         token's computation depends on the position only through the phase. Here the position

@@ -204,9 +204,8 @@ class Trainer:
         if resumed is not None:
             self._load_optimizer(model, resumed.optimizer, resumed.changed)
         if cfg.compile:
-            if hasattr(unwrap(model), "compile_fold"):
-                unwrap(model).compile_fold()  # the fold step; the loop over folds stays eager
-            else:
+            # the segment step (folded, RMT); the loop over segments stays eager
+            if not unwrap(model).compile_fold():
                 model = torch.compile(model)
         self.model = model
         # Without a curriculum nothing reads the logits: the folded model then computes the

@@ -83,12 +83,16 @@ class RecurrentMemoryTransformer(TransformerLM):
 
     # -- one segment: what the segment driver calls --------------------------------------------
 
+    def complete_fold(self, memory: Tensor, segment: Tensor) -> Tensor:
+        """[read M, segment, write M] in one causal pass: their final states (B, 2n + w, d)."""
+        return self.run_blocks(torch.cat([memory, segment, memory], dim=1))[0]
+
     def whole_segment(self, state, segment, context):
-        """[read M, segment, write M] in one causal pass: the segment's final states and the
-        next memory."""
+        """The segment's final states and the next memory (`complete_fold`, compiled by
+        `compile_fold`)."""
         memory = state.memory.to(segment.dtype)
         n = memory.shape[1]
-        top, _, _ = self.run_blocks(torch.cat([memory, segment, memory], dim=1))
+        top = self.fold_step(memory, segment)
         new_memory = self.norm_out(top[:, top.shape[1] - n :])
         return top[:, n : top.shape[1] - n], RMTState(memory=new_memory)
 
