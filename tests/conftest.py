@@ -79,3 +79,25 @@ def embedding_grads(model, ids: torch.Tensor, bptt: int = 0) -> torch.Tensor:
     handle.remove()
     grad = torch.cat([o.grad for o in outputs], dim=1)  # (B, T, d): one call or one a segment
     return torch.linalg.vector_norm(grad.view(ids.shape[0], -1, w, grad.shape[-1]), dim=(0, 2, 3))
+
+
+def assert_compiled_segment_step_changes_nothing(make_model, ids: torch.Tensor) -> None:
+    """`compile_fold` (aot_eager: no C++ build on a CPU) compiles the model's whole-segment
+    step, the forward pass runs through it (dynamo traced a graph of it), and the logits and
+    gradients are those of the eager model."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    results = []
+    for compiled in (False, True):
+        model = make_model()
+        if compiled:
+            torch._dynamo.reset()
+            counter = CompileCounterWithBackend("aot_eager")
+            assert model.compile_fold(backend=counter)
+            assert model.fold_step is model.__dict__["_fold_step"]
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits, flat_grads(model)))
+    assert counter.frame_count >= 1 and counter.op_count > 0  # the step ran compiled
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)

@@ -120,8 +120,13 @@ def test_compiled_fold_changes_no_answer():
     model = _tiny_gated_model()
     args = (TOKENIZER, [300], [0.0, 1.0])
     plain = evaluate_passkey(model, *args, samples=3, batch_size=6, progress=False)
-    model.compile_fold(backend="aot_eager")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    assert model.compile_fold(backend=counter)
     compiled = evaluate_passkey(model, *args, samples=3, batch_size=6, progress=False)
+    assert counter.frame_count >= 1  # the folds ran through the compiled step
     assert [c.outputs for c in compiled] == [c.outputs for c in plain]
 
 

@@ -11,7 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 import foldformer
-from conftest import assert_streams_like_one_call, embedding_grads, flat_grads
+from conftest import (
+    assert_compiled_segment_step_changes_nothing,
+    assert_streams_like_one_call,
+    embedding_grads,
+    flat_grads,
+)
 from foldformer.cli import console
 from foldformer.config import ConfigError
 from foldformer.models import build_model, load_model
@@ -127,6 +132,22 @@ def test_checkpointing_and_chunked_loss_give_the_same_gradients(wrap):
         grads.append(flat_grads(model))
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-12)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("wrap", WRAPS)
+def test_compiled_fold_step_gives_the_same_logits_and_gradients(wrap):
+    """compile_fold compiles the fold's (RMT: the segment's) pass through the decoder, without
+    its key/value cache, for hf_folded and hf_rmt alike."""
+    ids = torch.randint(0, V, (2, 14), generator=torch.Generator().manual_seed(0))
+
+    def model():
+        model = make("gpt2", wrap).double().train()
+        for module in model.modules():  # GPT-2's dropout would draw other masks
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model
+
+    assert_compiled_segment_step_changes_nothing(model, ids)
 
 
 # -- the start, saving and loading --------------------------------------------------------------

@@ -33,7 +33,6 @@ masks (every row of a batch is a stream), and changing the decoder's vocabulary.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -271,6 +270,9 @@ class HFStreamingLM(StreamingLM):
             decoder = AutoModelForCausalLM.from_config(config.decoder_config(), dtype=torch.float32)
         self.decoder = decoder
         self.d_model = decoder.config.hidden_size
+        # transformers renamed past_key_values to cache (5.2x); read once, not inside a trace
+        names = inspect.signature(decoder.base_model.forward).parameters
+        self._cache_argument = "cache" if "cache" in names else "past_key_values"
 
     def run_blocks(
         self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None, use_cache: bool = True
@@ -296,11 +298,6 @@ class HFStreamingLM(StreamingLM):
         keys = torch.stack([layer.keys for layer in hf_cache.layers])
         values = torch.stack([layer.values for layer in hf_cache.layers])
         return out.last_hidden_state, keys, values
-
-    @functools.cached_property
-    def _cache_argument(self) -> str:
-        names = inspect.signature(self.decoder.base_model.forward).parameters
-        return "cache" if "cache" in names else "past_key_values"
 
     @property
     def embed(self) -> nn.Embedding:
@@ -354,8 +351,12 @@ class FoldedHFDecoder(HFStreamingLM):
     def with_memory(self, memory: Tensor, segment: Tensor) -> Tensor:
         return torch.cat([self.fold_in(memory.to(segment.dtype)), segment], dim=1)
 
+    def complete_fold(self, memory: Tensor, segment: Tensor) -> Tensor:
+        """A whole fold in one pass, no cache: final states of the m + w positions."""
+        return self.run_blocks(self.with_memory(memory, segment), use_cache=False)[0]
+
     def whole_segment(self, state: FoldState, segment: Tensor, context) -> tuple[Tensor, Any]:
-        top, _, _ = self.run_blocks(self.with_memory(state.memory, segment), use_cache=False)
+        top = self.fold_step(state.memory, segment)  # compiled by compile_fold
         return top[:, self.config.memory_len :], self.condense(FoldState(state.memory, top=top))
 
     def partial_segment(self, state: FoldState, segment: Tensor, context) -> tuple[Tensor, Any]:
@@ -394,8 +395,11 @@ class RMTHFDecoder(HFStreamingLM):
         self.norm_out = nn.Identity()
         self.to(self.embed.weight.dtype)
 
+    def complete_fold(self, memory: Tensor, segment: Tensor) -> Tensor:
+        """[read M, segment, write M] in one pass, no cache (RMT's, on this decoder)."""
+        return self.run_blocks(torch.cat([memory, segment, memory], dim=1), use_cache=False)[0]
+
     initial_state = RecurrentMemoryTransformer.initial_state
-    complete_fold = RecurrentMemoryTransformer.complete_fold
     whole_segment = RecurrentMemoryTransformer.whole_segment
     partial_segment = RecurrentMemoryTransformer.partial_segment
     condense = RecurrentMemoryTransformer.condense

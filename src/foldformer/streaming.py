@@ -213,7 +213,8 @@ class StreamingLM(nn.Module):
     def compile_fold(self, **compile_options) -> bool:
         """torch.compile the whole-segment step: one segment has fixed shapes, so it compiles
         once, and the loop over segments stays in Python. False (nothing done) for a model
-        without a `complete_fold`."""
+        without a `complete_fold`. The compiled step is bound to this model: a deep copy would
+        share it, and the model no longer pickles (save with `save_pretrained`)."""
         if self.complete_fold is None:
             return False
         # The first segment of a call sees a memory that requires grad (M0, a previous
