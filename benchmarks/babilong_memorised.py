@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from foldformer.data.babilong import babi_file, load_babi, split_babi
 from foldformer.evaluate.babilong import build_eval_samples, evaluate_babilong
 from foldformer.evaluate.common import load_checkpoint, wilson_interval
+from foldformer.evaluate.records import hardware
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     train, held_out = split_babi(load_babi(babi_file(args.task, args.babi)))
     record = {"command": "python benchmarks/babilong_memorised.py " + " ".join(argv),
-              "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch "
-              f"{__import__('torch').__version__}",
+              "hardware": hardware(args.device),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "task": args.task,
               "samples": args.samples, "seed": args.seed, "models": {}}  # fmt: skip
     for path in args.models:

@@ -74,13 +74,11 @@ class TrainProgress:
     (max_minutes), in seconds towards it, with the step in the postfix. The preset's
     max_steps=1,000,000 is "no step limit", so a bar of steps would stay near 0%."""
 
-    def __init__(
-        self, max_steps: int, step: int, max_seconds: float = 0.0, started: float | None = None
-    ):
+    def __init__(self, max_steps: int, step: int, max_seconds: float, started: float):
         from tqdm.auto import tqdm
 
         self.max_steps, self.timed = max_steps, max_seconds > 0
-        self.started = time.time() if started is None else started  # the time cap's clock
+        self.started = started  # the trainer's clock, which the time cap reads
         if self.timed:  # no rate: seconds per second says nothing
             form = (
                 "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s [{elapsed}<{remaining}{postfix}]"
@@ -108,8 +106,6 @@ class TrainProgress:
         self.bar.close()
 
 
-def progress_bar(
-    enabled: bool, max_steps: int, step: int, max_seconds: float = 0.0, started: float | None = None
-):
+def progress_bar(enabled: bool, max_steps: int, step: int, max_seconds: float, started: float):
     """A `TrainProgress`, or None when the bar is off."""
     return TrainProgress(max_steps, step, max_seconds, started) if enabled else None
