@@ -9,7 +9,8 @@ docs/retrieval_diagnosis.png; benchmarks/results/h200/retrieval/round3/passkey_*
 docs/passkey_round5_h200.png; round7/scratch/eval/passkey_N.json (passkey_round7.sh, then
 --eval-only for 4M and 16M) for docs/passkey_round7_h200.png; benchmarks/results/h200/babilong/*/babilong.json
 (babilong_gpu.py) for docs/babilong_h200.png; babilong/round8/*/babilong.json for
-docs/babilong_round8_h200.png.
+docs/babilong_round8_h200.png; babilong/round9/*/*/babilong.json (with round 8's) for
+docs/babilong_round9_h200.png.
 """
 
 from __future__ import annotations
@@ -192,6 +193,47 @@ def babilong_round8(path: Path) -> None:
     plt.close(fig)
 
 
+def babilong_round9(path: Path) -> None:
+    """Round 8's recipe on every task (round9/README.md): a panel per task, a line per model;
+    qa1 from round 8 (call 2, matched; call 4's model, whose 10M cell is round 9's call A),
+    qa4 at the curriculum's default threshold (0.9) and at 0.7."""
+    qa1 = results_of("round8/call2_permute", "round8/call3_long/folded_10M",
+                     "round8/call3_long/rmt_1M")  # fmt: skip
+    # call A asked call 4's folded model (there named `folded`) at 10M
+    qa1_continued = results_of("round8/call4_continued") + [
+        {**r, "model": "folded_init"}
+        for r in results_of("round9/callA/qa1_10M") if r["model"] == "folded"]  # fmt: skip
+    qa1 += [r for r in results_of("round9/callA/qa1_10M") if r["model"] == "no_memory"]
+    qa2_qa4, qa5 = results_of("round9/callB/qa2_qa4"), results_of("round9/callC/qa5")
+    qa4_07 = results_of("round9/callC/qa4_threshold07")
+    panels = {
+        "qa1": [("folded, 7 min", "C3o-", accuracy_by_length(qa1, "folded")),
+                ("folded, 7 + 4 min", "C1D-", accuracy_by_length(qa1_continued, "folded_init")),
+                ("RMT", "C0s-", accuracy_by_length(qa1, "rmt")),
+                ("no memory", "k^:", accuracy_by_length(qa1, "no_memory"))],
+        "qa2": [(label, style, accuracy_by_length(qa2_qa4, m, "qa2"))
+                for label, style, m in (("folded", "C3o-", "folded"), ("RMT", "C0s-", "rmt"),
+                                        ("no memory", "k^:", "no_memory"))],
+        "qa4": [("folded, threshold 0.7", "C3o-", accuracy_by_length(qa4_07, "folded", "qa4")),
+                ("RMT, threshold 0.7", "C0s-", accuracy_by_length(qa4_07, "rmt", "qa4")),
+                ("no memory, threshold 0.7", "k^:", accuracy_by_length(qa4_07, "no_memory", "qa4")),
+                ("folded, threshold 0.9", "C3o:", accuracy_by_length(qa2_qa4, "folded", "qa4"))],
+        "qa5": [(label, style, accuracy_by_length(qa5, m, "qa5"))
+                for label, style, m in (("folded", "C3o-", "folded"), ("RMT", "C0s-", "rmt"),
+                                        ("no memory", "k^:", "no_memory"))],
+    }  # fmt: skip
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for ax, (task, lines) in zip(axes, panels.items(), strict=True):
+        accuracy_panel(ax, lines, f"BABILong {task}, rounds 8-9")
+        if task == "qa1":
+            ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+        ax.legend(fontsize=7)
+    fig.suptitle("trained ≤ 8K tokens, 100 questions a point, one H200", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     diagnosis(ROOT / "docs" / "retrieval_diagnosis.png")
     passkey(ROOT / "docs" / "passkey_h200.png")
@@ -207,7 +249,9 @@ if __name__ == "__main__":
     )
     babilong(ROOT / "docs" / "babilong_h200.png")
     babilong_round8(ROOT / "docs" / "babilong_round8_h200.png")
+    babilong_round9(ROOT / "docs" / "babilong_round9_h200.png")
     print(
         "wrote docs/retrieval_diagnosis.png, passkey_h200.png, passkey_round5_h200.png, "
-        "passkey_round7_h200.png, babilong_h200.png, babilong_round8_h200.png"
+        "passkey_round7_h200.png, babilong_h200.png, babilong_round8_h200.png, "
+        "babilong_round9_h200.png"
     )
