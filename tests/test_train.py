@@ -54,6 +54,36 @@ def test_training_on_a_synthetic_task_learns(tmp_path):
     assert load_tokenizer(tmp_path / "run" / "final").vocab_size == 257
 
 
+def test_tokens_count_every_position_a_task_batch_holds(tmp_path):
+    """A task's rows are as long as its curriculum level, not seq_len: the logged and summed
+    tokens are the positions of the batches read (the old count, steps x rows x seq_len, was
+    16 times too low here at the top level)."""
+    from foldformer.data.sources import build_batch_source
+    from foldformer.data.tokenizers import ByteTokenizer
+    from foldformer.train import Trainer
+
+    class Counted:  # the task, counting what it hands out
+        def __init__(self, source):
+            self.source, self.positions = source, []
+
+        def next_batch(self):
+            batch = self.source.next_batch()
+            self.positions.append(batch.input_ids.numel())
+            return batch
+
+        def __getattr__(self, name):
+            return getattr(self.source, name)
+
+    run = small_run([], cache_dir=str(tmp_path / "c"), max_steps=12, log_every=3)
+    task = Counted(build_batch_source("synthetic:recall?key_len=1&n_folds=16&max_folds=64",
+                                      ByteTokenizer(), batch_size=4, seq_len=32, segment_len=8))  # fmt: skip
+    summary = Trainer(run, tmp_path / "run", batch_source=task).train()
+    assert len(task.positions) == 12 and min(task.positions) > 4 * 32, task.positions
+    assert summary["tokens"] == sum(task.positions)
+    logged = [r["tokens"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert logged == [sum(task.positions[:k]) for k in (3, 6, 9, 12)]
+
+
 def test_stopped_and_resumed_run_reaches_the_same_weights(tmp_path):
     data = [str(BOOKS / "pg35.txt")]
     common = dict(cache_dir=str(tmp_path / "c"), max_steps=8, save_every=4)
@@ -77,6 +107,11 @@ def test_stopped_and_resumed_run_reaches_the_same_weights(tmp_path):
     losses_a = [r["loss"] for r in read_metrics(tmp_path / "straight")]
     losses_b = [r["loss"] for r in read_metrics(tmp_path / "resumed")]
     assert losses_a == losses_b
+    # the token count goes on from the checkpoint
+    tokens = [
+        [r["tokens"] for r in read_metrics(tmp_path / out)] for out in ("straight", "resumed")
+    ]
+    assert tokens[0] == tokens[1] == [4 * 32 * k for k in range(1, 9)]
 
 
 def free_port() -> int:
@@ -122,6 +157,9 @@ def test_two_gloo_processes_follow_the_single_process_curve_and_resume_exactly(t
     two_processes("resumed", 3)
     two_processes("resumed", 6, "--resume", str(tmp_path / "resumed"))
     assert [r["loss"] for r in read_metrics(tmp_path / "resumed")] == straight
+    # both ranks' rows are counted (as the single process's 8 rows), across the resume too
+    single_tokens = [r["tokens"] for r in read_metrics(tmp_path / "single")]
+    assert [r["tokens"] for r in read_metrics(tmp_path / "resumed")] == single_tokens
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()

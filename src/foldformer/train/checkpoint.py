@@ -219,6 +219,7 @@ def config_changes(
 class Resumed:
     checkpoint: Path
     step: int
+    tokens: int | None  # token positions read by every rank (None: an older checkpoint)
     memory: Any  # every row's carried memory (None: fresh)
     optimizer: dict[str, Any]  # optimizer and scheduler state
     changed: bool  # hyper-parameters changed (allowed): the optimizer takes the new ones
@@ -236,7 +237,7 @@ class Checkpointer:
         if rank == 0:
             remove_stale(out_dir)
 
-    def save(self, step, model, tokenizer, optimizer, scheduler, source, stream_memory):
+    def save(self, step, tokens, model, tokenizer, optimizer, scheduler, source, stream_memory):
         """Gather every rank's data position, then rank 0 writes the checkpoint (its path is
         returned there). Under FSDP every rank first helps gather the whole weights and
         optimizer state, and rank 0 writes them through a plain copy of the model: one format
@@ -265,7 +266,7 @@ class Checkpointer:
                 to_save.load_state_dict(model_state)
         path = None
         if self.rank == 0:
-            trainer_state = {"data": data_states, "run": self.run.to_dict()}
+            trainer_state = {"data": data_states, "run": self.run.to_dict(), "tokens": tokens}
             path = save_checkpoint(
                 self.out_dir, step, to_save, tokenizer, optimizer, scheduler, trainer_state,
                 stream_memory, self.run.train.keep_checkpoints, optimizer_state=optimizer_state,
@@ -310,7 +311,7 @@ class Checkpointer:
                 else every_rank
             )
         set_rng_states(state["rng"], load_file(str(ckpt / "rng.safetensors")))
-        return Resumed(ckpt, state["step"], memory, saved_optimizer, changed)
+        return Resumed(ckpt, state["step"], state.get("tokens"), memory, saved_optimizer, changed)
 
     def _check_config(self, ckpt, state, model_config, allow: bool) -> bool:
         """Refuse another shape or data; other hyper-parameters only when allowed, and then

@@ -183,12 +183,16 @@ class Trainer:
             print("no validation data (--val-data SPEC): periodic validation is skipped")
 
         self.step, self.stream_memory, resumed = 0, None, None
+        # Token positions read: every rank's, up to the last resume (exact), plus this
+        # process's own since (summed over the ranks when reported: task rows differ in length).
+        self.tokens_before, self.local_tokens = 0, 0
         self.checkpointer = Checkpointer(self.out_dir, run, self.rank, self.world_size, model_spec)
         if resume is not None:
             resumed = self.checkpointer.load(
                 resume, model, self.source, self.device, self.stateful, allow_config_change
             )
             self.step, self.stream_memory = resumed.step, resumed.memory
+            self.tokens_before = resumed.tokens
             if self.is_main:
                 print(f"resumed from {resumed.checkpoint} at step {self.step}")
 
@@ -226,7 +230,8 @@ class Trainer:
                 f"{self.model_type} model: {self.n_params / 1e6:.2f}M non-embedding parameters, "
                 f"{self.world_size} process(es) on {self.device.type}"
             )
-        self.tokens_per_step = cfg.batch_size * cfg.seq_len * self.world_size
+        if resumed is not None and resumed.tokens is None:  # written before tokens were kept
+            self.tokens_before = self.step * cfg.batch_size * cfg.seq_len * self.world_size
         self.resumed = resume is not None
 
     def _load_optimizer(self, model: nn.Module, saved: dict[str, Any], changed: bool) -> None:
@@ -252,6 +257,8 @@ class Trainer:
 
         cfg, device, model = self.cfg, self.device, self.model
         model.train()
+        # a task's rows are as long as its curriculum level, not seq_len
+        self.local_tokens += batch.input_ids.numel()
         micro_rows = cfg.batch_size // cfg.grad_accum
         new_memory = []
         total_loss = torch.zeros((), device=device)
@@ -333,6 +340,15 @@ class Trainer:
             self.close_metrics()
         return self.finish()
 
+    def tokens(self) -> int:
+        """Token positions every rank has read (padding included). A collective with more
+        than one process: every rank calls it."""
+        if self.world_size == 1:
+            return self.tokens_before + self.local_tokens
+        local = torch.tensor(self.local_tokens, device=self.device, dtype=torch.int64)
+        dist.all_reduce(local)
+        return self.tokens_before + int(local)
+
     def every(self, n: int) -> bool:
         """Every n steps, and at the last."""
         return self.step % n == 0 or self.step == self.cfg.max_steps
@@ -345,7 +361,7 @@ class Trainer:
             60 * self.cfg.max_minutes, started,
         )  # fmt: skip
         self.val_loss = None
-        self.last_log, self.last_log_step = time.time(), self.step
+        self.last_log, self.last_log_tokens = time.time(), self.tokens()
 
     def close_metrics(self) -> None:
         if self.progress is not None:
@@ -358,14 +374,14 @@ class Trainer:
             loss = result.loss
             if self.world_size > 1:
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            elapsed = time.time() - self.last_log
-            tokens_per_s = self.tokens_per_step * (step - self.last_log_step) / max(elapsed, 1e-9)
-            self.last_log, self.last_log_step = time.time(), step
+            elapsed, tokens = time.time() - self.last_log, self.tokens()
+            tokens_per_s = (tokens - self.last_log_tokens) / max(elapsed, 1e-9)
+            self.last_log, self.last_log_tokens = time.time(), tokens
             record = {
                 "step": step,
                 "loss": loss.item(),
                 "lr": self.scheduler.get_last_lr()[0],
-                "tokens": step * self.tokens_per_step,
+                "tokens": tokens,
                 "tokens_per_s": tokens_per_s,
             }
             if result.grad_norm is not None:
@@ -395,12 +411,12 @@ class Trainer:
             self.world_size, self.stateful, self.forward_args,
         )  # fmt: skip
         record = {"step": self.step, "val_loss": self.val_loss}
-        self.logger.log(record | {"tokens": self.step * self.tokens_per_step})
+        self.logger.log(record | {"tokens": self.tokens()})
 
     def save(self) -> Path | None:
         return self.checkpointer.save(
-            self.step, self.model, self.tokenizer, self.optimizer, self.scheduler, self.source,
-            self.stream_memory,
+            self.step, self.tokens(), self.model, self.tokenizer, self.optimizer,
+            self.scheduler, self.source, self.stream_memory,
         )  # fmt: skip
 
     def interrupt(self) -> TrainingInterrupted:
@@ -413,7 +429,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         """The last checkpoint, final/ (the model without the resume state), summary.json."""
-        checkpoint = self.save()
+        checkpoint, tokens = self.save(), self.tokens()
         final_dir = self.out_dir / "final"
         if self.is_main:
             shutil.rmtree(final_dir, ignore_errors=True)
@@ -422,7 +438,7 @@ class Trainer:
             )
         summary = {
             "steps": self.step,
-            "tokens": self.step * self.tokens_per_step,
+            "tokens": tokens,
             "final_train_loss": self.logger.last.get("loss"),
             "final_val_loss": self.val_loss,
             "non_embedding_parameters": self.n_params,
