@@ -439,9 +439,9 @@ def run(args) -> int:
         "seed": args.seed,
         "smoke": args.smoke,
         "target_parameters": target,
-        "tokens_note": "train.tokens is the trainer's count, steps x batch_size x seq_len; a "
-        "BABILong row is as long as its curriculum level (train.level at the end, "
-        "curriculum_level in metrics.jsonl), so more tokens were read",
+        "tokens_note": "train.tokens: the token positions of every training batch, padding "
+        "included (since commit dcba87c; records before it hold steps x batch_size x seq_len, "
+        "fewer than were read: a BABILong row is as long as its curriculum level)",
         "runs": {n: r["run"] for n, r in runs.items()},
         "trained": args.trained,  # set: the models are an earlier call's; `runs` is only
         # this call's plan, each result's `train` is how its model was trained
