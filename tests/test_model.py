@@ -357,3 +357,20 @@ def test_chunked_loss_matches_full_logits_loss_and_gradients():
     chunked.loss.backward()
     for p, g in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_the_loss_is_computed_in_float32_or_the_model_dtype_if_wider():
+    """bf16 logits are upcast for the loss; float64 ones are not cast down (a float64 model's
+    loss and gradients would otherwise carry float32 rounding, which differs between CPUs)."""
+    from foldformer.streaming import language_model_loss
+
+    labels = torch.tensor([[1, 2, -100]])
+    for dtype, expected in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        assert language_model_loss(torch.randn(1, 3, 5, dtype=dtype), labels).dtype == expected
+    config = FoldedConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, segment_len=4,
+                          memory_len=3)  # fmt: skip
+    model = FoldedTransformer(config).double()
+    ids = torch.randint(0, 32, (2, 9))
+    for return_logits in (True, False):  # the plain loss and the chunked one
+        out = model(ids, labels=ids, return_logits=return_logits)
+        assert out.loss.dtype == torch.float64

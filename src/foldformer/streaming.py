@@ -324,7 +324,8 @@ class StreamingLM(nn.Module):
         positions is checkpointed, so only one chunk's logits live at a time."""
 
         def chunk_loss_sum(h: Tensor, y: Tensor) -> Tensor:
-            logits = self.logits(h).float()
+            logits = self.logits(h)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             return F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
                 reduction="sum",
@@ -332,7 +333,7 @@ class StreamingLM(nn.Module):
 
         B, T, _ = hidden.shape
         step = max(1, max_elements // (B * self.config.vocab_size))
-        total = hidden.new_zeros((), dtype=torch.float32)
+        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
         for start in range(0, T, step):
             h, y = hidden[:, start : start + step], labels[:, start : start + step]
             if torch.is_grad_enabled():
@@ -486,7 +487,7 @@ def check_reset_columns(resets: Tensor | None, tokens_in_segment: int, segment_l
 def language_model_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over positions whose label is not -100 (0 if there are none)."""
     losses = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
+        logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1]),
         labels.reshape(-1),
         ignore_index=-100,
         reduction="sum",
