@@ -212,7 +212,9 @@ def worker(job_path: Path) -> None:
             break
         t1 = time.time()
         examples = build_eval_samples(held_out, background, [length], job["samples"], tokenizer,
-                                      seed=job["seed"], exact=True)  # fmt: skip
+                                      seed=job["seed"], exact=True,
+                                      facts_within=job.get("facts_within", 0),
+                                      facts_at=job.get("facts_at", "end"))  # fmt: skip
         built = time.time() - t1
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -313,6 +315,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="evaluate the models of an earlier call (its "
         "unpacked babilong_logs folder: MODEL_TASK/model), training nothing",
     )
+    parser.add_argument(
+        "--facts-within",
+        default="0",
+        metavar="TOKENS",
+        help="evaluation diagnosis: the facts only among the first or last TOKENS of background "
+        "(build_babilong_sample; 0: anywhere, the default)",
+    )
+    parser.add_argument("--facts-at", choices=("start", "end"), default="end")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="/tmp/babilong_runs", help="checkpoints (not in OUT)")
     parser.add_argument("--smoke", action="store_true", default=SMOKE, help="CPU, toy sizes")
@@ -342,6 +352,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.samples < 1:
         parser.error(f"--samples {args.samples}: must be >= 1")
+    from foldformer.evaluate.common import parse_size
+
+    try:
+        args.facts_within = parse_size(args.facts_within)
+        if args.facts_within < 0:
+            raise ValueError("must be >= 0")
+    except ValueError as error:
+        parser.error(f"--facts-within {args.facts_within!r}: {error}")
     return args
 
 
@@ -390,6 +408,7 @@ def run(args) -> int:
             run["data"]["train"] = [data_spec(args, task)]
             job = {"model": name, "task": task, "run": run, "babi": args.babi, "pg": args.pg,
                    "lengths": lengths, "samples": args.samples, "seed": args.seed,
+                   "facts_within": args.facts_within, "facts_at": args.facts_at,
                    "deadline": started + args.deadline, "work": str(work / key),
                    "log_dir": str(logs / key)}  # fmt: skip
             job["keep_model"] = args.keep_models
@@ -453,6 +472,8 @@ def run(args) -> int:
             "samples": args.samples,
             "lengths": lengths,
             "exact_length": True,
+            "facts": "anywhere" if not args.facts_within else
+            f"within the {args.facts_at} {args.facts_within} tokens of background",
         },  # fmt: skip
         "results": results,
     }

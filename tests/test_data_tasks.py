@@ -11,6 +11,7 @@ import torch
 
 from foldformer import FoldedConfig, FoldedTransformer
 from foldformer.data.babilong import (
+    QUESTION_TEMPLATE,
     BabilongTask,
     TokenizedBackground,
     build_babilong_sample,
@@ -210,6 +211,36 @@ def test_babilong_exact_length(n_tokens):
     short = build_babilong_sample(samples[0], tokenized, 5, tok, np.random.default_rng(0),
                                   exact=True)  # fmt: skip
     assert len(short.input_ids) > 5 and short.n_background == 0
+
+
+@pytest.mark.parametrize("facts_at", ["start", "end"])
+def test_babilong_facts_within_puts_every_fact_near_the_start_or_the_question(facts_at):
+    samples = load_babi(BABI / "qa1_single-supporting-fact_train.txt")
+    tokenized = TokenizedBackground(BACKGROUND, tok)
+    longest = max(len(tok.encode(" " + s)) for s in BACKGROUND)
+    within = 400
+    for seed in range(6):
+        sample = samples[seed * 5]
+        ex = build_babilong_sample(sample, tokenized, 40000, tok, np.random.default_rng(seed),
+                                   exact=True, facts_within=within, facts_at=facts_at)  # fmt: skip
+        assert len(ex.input_ids) == 40000 and tok.decode(ex.input_ids) == ex.text
+        for position, fact in zip(ex.fact_positions, sample.facts, strict=True):
+            assert tok.decode(ex.input_ids[position:]).lstrip().startswith(fact)
+        facts = sum(len(tok.encode(" " + f)) for f in sample.facts)
+        question = len(tok.encode(" " + QUESTION_TEMPLATE.format(question=sample.question)))
+        if facts_at == "start":  # no fact after the first `within` tokens of background
+            assert ex.fact_positions[-1] <= within + facts
+        else:  # none before the last `within` (the cut sentence before the question counts)
+            assert ex.fact_positions[0] >= 40000 - question - within - facts - longest
+    # The default (anywhere) spreads them: over six samples some fact lies in the middle.
+    spread = [build_babilong_sample(samples[s * 5], tokenized, 40000, tok,
+                                    np.random.default_rng(s), exact=True).fact_positions
+              for s in range(6)]  # fmt: skip
+    assert any(1000 < p < 39000 for positions in spread for p in positions)
+    for bad, message in (({"facts_within": -1}, "facts_within must be >= 0, got -1"),
+                         ({"facts_at": "middle"}, "facts_at must be 'start' or 'end'")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            build_babilong_sample(samples[0], tokenized, 1000, tok, np.random.default_rng(0), **bad)
 
 
 def test_babilong_books_from_an_archive_split(tmp_path):

@@ -163,6 +163,14 @@ def test_eval_babilong_command(workspace):
     assert exact["extra"]["mean_prompt_tokens"] == 300 and exact["config"]["eval"]["exact"]
     answers = [e["answer"] for e in exact["extra"]["examples"]]
     assert answers == [e["answer"] for e in cells[1]["extra"]["examples"]]
+    # --facts-within: recorded, the same questions
+    run("eval", "babilong", workspace / "ckpt", "--task", "qa1", "--lengths", "300", "--books",
+        workspace / "books", "--babi", workspace, "--samples", 2, "--out", out / "near",
+        "--device", "cpu", "--exact", "--facts-within", "64", "--facts-at", "start")  # fmt: skip
+    (near,) = records_of(out / "near" / "babilong_qa1.json", "babilong_accuracy")
+    assert (near["config"]["eval"]["facts_within"], near["config"]["eval"]["facts_at"]) == (
+        64, "start")
+    assert [e["answer"] for e in near["extra"]["examples"]] == answers
 
 
 def test_eval_lm_command_and_bits_per_byte_definition(workspace):
@@ -352,6 +360,8 @@ BAD_INPUTS = {
     "babilong_batch_size_0": (BABILONG + ("--batch-size", 0), "--batch-size 0: must be >= 1"),
     "babilong_lengths_1Q": (BABILONG + ("--lengths", "1Q"), "--lengths '1Q'"),
     "babilong_samples_too_many": (BABILONG + ("--samples", 1000), "the bAbI split has only"),
+    "babilong_facts_within_abc": (BABILONG + ("--facts-within", "abc"), "--facts-within 'abc'"),
+    "babilong_facts_within_negative": (BABILONG + ("--facts-within", "-8"), "--facts-within '-8'"),
     "bench_lengths_0": (BENCH + ("--lengths", 0), "--lengths [0]"),
     "bench_batch_size_0": (BENCH + ("--batch-size", 0), "--batch-size 0"),
     "bench_unknown_model": (BENCH + ("--models", "nomodel"), "--models 'nomodel'"),

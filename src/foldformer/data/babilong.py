@@ -206,6 +206,11 @@ class TokenizedBackground:
         last = passes * len(self) + int(np.searchsorted(self.starts, rest, side="right")) - 1
         return max(0, min(last - first, limit))
 
+    def sentence_at(self, offset: int) -> int:
+        """The first sentence index (wrapping) that starts at or after token `offset`."""
+        passes, rest = divmod(offset, int(self.starts[-1]))
+        return passes * len(self) + int(np.searchsorted(self.starts, rest, side="left"))
+
     def tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens start..end (token offsets, wrapping)."""
         parts = _cyclic(self.ids, start, end)
@@ -236,6 +241,8 @@ def build_babilong_sample(
     rng: np.random.Generator,
     template: str = QUESTION_TEMPLATE,
     exact: bool = False,
+    facts_within: int = 0,
+    facts_at: str = "end",
 ) -> BabilongExample:
     """Hide the sample's facts, in order, at random sentence boundaries of a contiguous run of
     background sentences (from a random start) so that the prompt has at most n_tokens tokens
@@ -246,9 +253,18 @@ def build_babilong_sample(
     sentence, and the shortfall is filled with the tokens that follow the run (a cut sentence
     just before the question), so every prompt has exactly n_tokens tokens and prompts of one
     length batch together (unless the facts and question alone are longer).
+
+    facts_within: a diagnosis of what the memory loses (0: anywhere, the default). The facts
+    go only at boundaries within the first (facts_at="start") or the last ("end") facts_within
+    tokens of background, so at a fixed length "end" measures the memory after a long run of
+    background with the facts near the question, and "start" the facts carried the whole way.
     """
     if n_tokens < 0:
         raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+    if facts_within < 0:
+        raise ValueError(f"facts_within must be >= 0, got {facts_within}")
+    if facts_at not in ("start", "end"):
+        raise ValueError(f"facts_at must be 'start' or 'end', got {facts_at!r}")
 
     def enc(text: str, first: bool = False) -> np.ndarray:
         return np.asarray(tokenizer.encode(text if first else " " + text), dtype=np.int32)
@@ -268,9 +284,16 @@ def build_babilong_sample(
         first = int(rng.integers(0, len(background)))
         limit = n_tokens if exact else len(background)  # one pass unless exact
         count = background.fitting(first, max(0, n_tokens - used), limit)
-    # Facts go at sorted random boundaries 0..count, keeping their order; the sentences
-    # between two boundaries holding facts are one piece.
-    slots = np.sort(rng.integers(0, count + 1, size=len(facts))).tolist() if facts else []
+    # Facts go at sorted random boundaries low..high (0..count unless facts_within), keeping
+    # their order; the sentences between two boundaries holding facts are one piece.
+    low, high = 0, count
+    if facts_within and count:
+        if facts_at == "start":
+            high = background.fitting(first, facts_within, count)
+        else:  # the first boundary with at most facts_within tokens of background after it
+            start = background.offset(first + count) - facts_within
+            low = min(count, max(0, background.sentence_at(start) - first))
+    slots = np.sort(rng.integers(low, high + 1, size=len(facts))).tolist() if facts else []
     pieces: list[tuple[str, str, np.ndarray]] = []  # (kind, text, tokens)
     done = 0  # sentences placed
     for boundary, fact_text, fact in zip(

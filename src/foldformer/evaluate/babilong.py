@@ -63,11 +63,14 @@ def build_eval_samples(
     tokenizer,
     seed: int = 0,
     exact: bool = False,
+    facts_within: int = 0,
+    facts_at: str = "end",
 ) -> dict[int, list]:
     """{length: [BabilongExample, ...]}: the same `n_samples` bAbI questions at every length,
     each built with its own seeded generator (reproducible, independent of the other lengths).
     exact: every prompt of a length has exactly that many tokens (`build_babilong_sample`), so
-    one length is one batch."""
+    one length is one batch. facts_within, facts_at: the facts only among the first or last
+    facts_within tokens of background (`build_babilong_sample`; 0: anywhere)."""
     from foldformer.data.babilong import TokenizedBackground, build_babilong_sample
 
     if n_samples > len(babi_samples):
@@ -87,6 +90,8 @@ def build_eval_samples(
                 tokenizer,
                 np.random.default_rng([seed, length, i]),
                 exact=exact,
+                facts_within=facts_within,
+                facts_at=facts_at,
             )
             for i, index in enumerate(chosen)
         ]
@@ -187,12 +192,18 @@ def plot_babilong(cells: Sequence[BabilongCell], path: str | Path, title: str = 
 def babilong_command(args) -> int:
     """`foldformer eval babilong CKPT --task qa1 --lengths 0,1K,4K --books DIR --babi FILE`."""
     from foldformer.data.babilong import babi_file, load_babi, load_background, split_babi
-    from foldformer.evaluate.common import load_checkpoint, parse_list, resolve_device
+    from foldformer.evaluate.common import load_checkpoint, parse_list, parse_size, resolve_device
 
     for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size),
                         ("--max-new-tokens", args.max_new_tokens)):  # fmt: skip
         if value < 1:
             raise EvaluationError(f"{flag} {value}: must be >= 1")
+    try:
+        facts_within = parse_size(args.facts_within) if args.facts_within else 0
+        if facts_within < 0:
+            raise ValueError("must be >= 0")
+    except ValueError as error:
+        raise EvaluationError(f"--facts-within {args.facts_within!r}: {error}") from None
     try:
         lengths = parse_list(args.lengths)
     except ValueError as error:
@@ -203,7 +214,8 @@ def babilong_command(args) -> int:
     _, held_out = split_babi(load_babi(path))
     background = load_background(args.books)
     examples = build_eval_samples(held_out, background, lengths, args.samples, tokenizer, args.seed,
-                                  exact=args.exact)  # fmt: skip
+                                  exact=args.exact, facts_within=facts_within,
+                                  facts_at=args.facts_at)  # fmt: skip
     cells = evaluate_babilong(model, tokenizer, examples, args.max_new_tokens, args.batch_size,
                               cuda_graph=args.cuda_graph)  # fmt: skip
     config = eval_config(
@@ -217,6 +229,8 @@ def babilong_command(args) -> int:
         seed=args.seed,
         split="held-out stories (last 10%)",
         exact=args.exact,
+        facts_within=facts_within,
+        facts_at=args.facts_at if facts_within else None,
         dtype=args.dtype,
     )
     out = Path(args.out)
@@ -256,6 +270,15 @@ def add_arguments(parser) -> None:
         help="fill every prompt to exactly its length (a cut sentence before the question, the "
         "books repeated if too short), so a length's samples form one batch",
     )
+    parser.add_argument(
+        "--facts-within",
+        default="",
+        metavar="TOKENS",
+        help="a diagnosis: hide the facts only among the first or last TOKENS of background "
+        "(e.g. 8K; default anywhere), to tell drift over a long prompt from facts forgotten",
+    )
+    parser.add_argument("--facts-at", choices=("start", "end"), default="end",
+                        help="with --facts-within: near the prompt's start or its question")
     parser.add_argument("--seed", type=int, default=0)
 
 
