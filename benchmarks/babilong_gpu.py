@@ -472,8 +472,9 @@ def run(args) -> int:
             "samples": args.samples,
             "lengths": lengths,
             "exact_length": True,
-            "facts": "anywhere" if not args.facts_within else
-            f"within the {args.facts_at} {args.facts_within} tokens of background",
+            "facts": "anywhere"
+            if not args.facts_within
+            else f"within the {args.facts_at} {args.facts_within} tokens of background",
         },  # fmt: skip
         "results": results,
     }

@@ -169,7 +169,9 @@ def test_eval_babilong_command(workspace):
         "--device", "cpu", "--exact", "--facts-within", "64", "--facts-at", "start")  # fmt: skip
     (near,) = records_of(out / "near" / "babilong_qa1.json", "babilong_accuracy")
     assert (near["config"]["eval"]["facts_within"], near["config"]["eval"]["facts_at"]) == (
-        64, "start")
+        64,
+        "start",
+    )
     assert [e["answer"] for e in near["extra"]["examples"]] == answers
 
 

@@ -277,8 +277,12 @@ def add_arguments(parser) -> None:
         help="a diagnosis: hide the facts only among the first or last TOKENS of background "
         "(e.g. 8K; default anywhere), to tell drift over a long prompt from facts forgotten",
     )
-    parser.add_argument("--facts-at", choices=("start", "end"), default="end",
-                        help="with --facts-within: near the prompt's start or its question")
+    parser.add_argument(
+        "--facts-at",
+        choices=("start", "end"),
+        default="end",
+        help="with --facts-within: near the prompt's start or its question",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
