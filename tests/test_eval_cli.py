@@ -385,3 +385,11 @@ def test_a_missing_cuda_device_is_one_line(workspace, capsys, tmp_path):
                  ("bench", "memory", "--lengths", 64)):  # fmt: skip
         line = fails_in_one_line(capsys, *argv, "--device", "cuda", "--out", tmp_path)
         assert "--device 'cuda': this machine has no CUDA device" in line
+
+
+def test_plot_babilong_at_0_and_100_percent(tmp_path):
+    # a Wilson bound a rounding error inside 0% or 100% once made matplotlib refuse the plot
+    from foldformer.evaluate.babilong import BabilongCell, plot_babilong
+
+    cells = [BabilongCell(n, correct, 4, float(n), []) for n, correct in ((0, 4), (1024, 0))]
+    assert plot_babilong(cells, tmp_path / "b.png").stat().st_size > 0

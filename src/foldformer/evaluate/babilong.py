@@ -176,7 +176,8 @@ def plot_babilong(cells: Sequence[BabilongCell], path: str | Path, title: str = 
     ax.errorbar(
         list(x),
         accuracy,
-        yerr=[np.subtract(accuracy, low), np.subtract(high, accuracy)],
+        # clipped: at 0% or 100% the interval's far end can miss the point by a rounding error
+        yerr=np.clip([np.subtract(accuracy, low), np.subtract(high, accuracy)], 0, None),
         marker="o",
         capsize=3,
     )
