@@ -1,8 +1,8 @@
 #!/bin/bash
 # Where BABILong qa1 is lost (issue 13, CPU): round 8's folded qa1 model with the facts only in
 # the first or the last 1K tokens of background, at 16K and 64K tokens; the same
-# 100 held-out questions in every cell (seed 0). About 1 minute a 16K cell and 4-5 minutes a
-# 64K cell on 2 cores.
+# 100 held-out questions in every cell (seed 0). About 1.2 minutes a 16K cell on 2 cores; a 64K cell
+# did not finish in 9 minutes (2026-12-07), so the 64K cells have no result yet.
 #   bash benchmarks/babilong_placement_cpu.sh PG_ARCHIVE BABI_DIR OUT
 set -euo pipefail
 PG=$1 BABI=$2 OUT=$3
