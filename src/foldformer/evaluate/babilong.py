@@ -176,8 +176,7 @@ def plot_babilong(cells: Sequence[BabilongCell], path: str | Path, title: str = 
     ax.errorbar(
         list(x),
         accuracy,
-        # clipped: at 0% or 100% the interval's far end can miss the point by a rounding error
-        yerr=np.clip([np.subtract(accuracy, low), np.subtract(high, accuracy)], 0, None),
+        yerr=[np.subtract(accuracy, low), np.subtract(high, accuracy)],
         marker="o",
         capsize=3,
     )
@@ -199,10 +198,8 @@ def babilong_command(args) -> int:
                         ("--max-new-tokens", args.max_new_tokens)):  # fmt: skip
         if value < 1:
             raise EvaluationError(f"{flag} {value}: must be >= 1")
-    try:
-        facts_within = parse_size(args.facts_within) if args.facts_within else 0
-        if facts_within < 0:
-            raise ValueError("must be >= 0")
+    try:  # parse_size refuses negative sizes
+        facts_within = parse_size(args.facts_within)
     except ValueError as error:
         raise EvaluationError(f"--facts-within {args.facts_within!r}: {error}") from None
     try:
@@ -273,7 +270,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--facts-within",
-        default="",
+        default="0",
         metavar="TOKENS",
         help="a diagnosis: hide the facts only among the first or last TOKENS of background "
         "(e.g. 8K; default anywhere), to tell drift over a long prompt from facts forgotten",

@@ -201,4 +201,5 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     denominator = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
     half = z * ((p * (1 - p) / total + z * z / (4 * total * total)) ** 0.5) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval always holds p; min/max keep a rounding error from putting p outside it
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
