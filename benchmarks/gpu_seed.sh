@@ -9,7 +9,7 @@
 # PG points at pg.tar.xz (default .carry/pg.tar.xz, where the device copy lives); ECL_MAX is
 # the largest ECL distance (default 3072 tokens) and ECL_UNIT its grid unit (default 12, the
 # seed preset's w, for every model alike: grid 0, 12, 24, 48, ..., ECL_MAX), ECL_TARGETS its
-# target windows (default 512). The model is saved under RUNS/NAME (default /tmp/runs), tokens
+# target windows (default 512), ECL_BATCH its batch (default 256). The model is saved under RUNS/NAME (default /tmp/runs), tokens
 # are cached in TOKEN_CACHE (default /tmp/token_cache).
 set -uo pipefail
 results=$1 name=$2 minutes=$3
@@ -25,5 +25,5 @@ cp "$runs/$name/metrics.jsonl" "$runs/$name/summary.json" \
   "$runs/$name/run_config.json" "$results/$name/" 2>/dev/null
 python3 -m foldformer.cli eval ecl "$runs/$name/final" --data "$pg?split=validation" \
   --cache-dir "$cache" --targets "${ECL_TARGETS:-512}" --max-distance "${ECL_MAX:-3072}" \
-  --unit "${ECL_UNIT:-12}" --batch-size 256 --control --out "$results/$name" 2>&1 |
+  --unit "${ECL_UNIT:-12}" --batch-size "${ECL_BATCH:-256}" --control --out "$results/$name" 2>&1 |
   tee "$results/$name/ecl.log"
