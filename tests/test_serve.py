@@ -411,3 +411,19 @@ def test_a_client_gone_mid_stream_stops_its_decoding(engine, tmp_path):
     fields = {k: v for k, v in other.items() if k != "prompt"}
     (alone,) = engine.complete([" Q:"], [engine.read("Other text.")], SamplingConfig(**fields))
     assert answer == alone.text
+
+
+def test_cli_parser_builds_without_the_web_stack():
+    """Every command builds the whole parser, `serve` included: a machine without FastAPI or
+    uvicorn (a bare GPU image) can still train and evaluate, and `serve` says what is missing."""
+    code = (
+        "import sys\n"
+        "for name in ('fastapi', 'uvicorn', 'starlette'): sys.modules[name] = None\n"
+        "from foldformer.cli import build_parser\n"
+        "args = build_parser().parse_args(['serve', 'ckpt', '--max-new-tokens', '7'])\n"
+        "print(args.max_new_tokens)\n"
+        "assert 'foldformer.serve.app' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "7"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from foldformer.serve.app import Limits
+    from foldformer.serve.limits import Limits  # not serve.app: every command builds this parser
 
     parser = subparsers.add_parser(
         "serve",

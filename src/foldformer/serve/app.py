@@ -25,7 +25,6 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import anyio
@@ -37,20 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from foldformer.config import ConfigError
 from foldformer.generate import ContextState, ContextStateError, Engine, SamplingConfig
 from foldformer.serve.batcher import Batcher, Batching, default_window_ms
+from foldformer.serve.limits import Limits
 from foldformer.serve.store import Session, SessionLimitError, SessionStore
-
-
-@dataclass
-class Limits:
-    """What one request may ask; beyond it the answer is a JSON 4xx naming the limit."""
-
-    max_body_bytes: int = 4 * 2**20
-    max_text_chars: int = 2**20  # per append, prompt or completion prompt
-    max_new_tokens: int = 1024
-    max_sessions: int = 10000
-    max_prompts: int = 16  # prompts in one /v1/completions request
-    workers: int = 4  # model calls running at once (threads)
-
 
 # -- request and response bodies ---------------------------------------------------------------
 
